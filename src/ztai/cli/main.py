@@ -1,0 +1,239 @@
+"""The `ztai` command. One sub-command group per package; every command takes `--config PATH`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+from typing import Annotated
+
+import orjson
+import typer
+from rich.console import Console
+
+from ztai.cli import audit_commands, policy_commands, token_commands
+from ztai.cli.common import ConfigOption, fail, open_database_for, settings_for
+from ztai.config import DEFAULT_CONFIG_PATH, with_upstreams
+from ztai.errors import ZtaiError
+from ztai.identity import KeyStore
+from ztai.policy.engine import DEFAULTS_DIR
+
+app = typer.Typer(
+    name="ztai",
+    help="Zero Trust AI: a verifying gateway for model calls, agents and model loading.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(token_commands.app, name="token")
+app.add_typer(token_commands.keys_app, name="keys")
+app.add_typer(policy_commands.app, name="policy")
+app.add_typer(audit_commands.app, name="audit")
+
+err = Console(stderr=True)
+
+CONFIG_TEMPLATE = """\
+# ztai configuration. Every key can be overridden by a ZTAI_* environment variable,
+# nested keys joined by a double underscore (e.g. ZTAI_SERVER__PORT=9000, ZTAI_STORE__URL=...).
+trust_domain: {trust_domain}
+data_dir: .ztai            # keys, SQLite database, pid file (relative to this file)
+
+server:
+  host: 127.0.0.1
+  port: 8787
+  max_body_bytes: 1048576
+
+store:
+  url: ""                  # empty: SQLite in data_dir; or postgresql+psycopg://user@host/db
+  sqlite_synchronous: FULL # FULL: every audit commit survives power loss
+
+identity:
+  audience: ztai
+  default_ttl_seconds: 300
+  max_ttl_seconds: 3600
+  leeway_seconds: 5
+  # external_issuers:      # accept tokens of an OIDC provider
+  #   - issuer: https://login.example.org
+  #     audience: ztai
+  #     jwks_url: https://login.example.org/.well-known/jwks.json
+  # spiffe_bundles:        # accept JWT-SVIDs of a SPIFFE trust domain
+  #   - trust_domain: prod.example.org
+  #     bundle_file: bundle.jwks
+
+policy:
+  dir: policies            # *.cedar files, validated at start and on reload
+
+audit:
+  checkpoint_interval_seconds: 2
+  ocsf_file: ""            # e.g. .ztai/audit.ocsf.jsonl for a SIEM
+
+upstreams:
+  mock:                    # the built-in mock (`ztai mock-upstream --port 9100`)
+    base_url: http://127.0.0.1:9100/v1
+    models: [mock]
+  # openai:
+  #   base_url: https://api.openai.com/v1
+  #   api_key_env: OPENAI_API_KEY   # the variable's name; the key never appears in config or logs
+  #   models: [gpt-4o-mini]
+"""
+
+
+@app.command()
+def init(
+    config: ConfigOption = DEFAULT_CONFIG_PATH,
+    trust_domain: Annotated[
+        str, typer.Option(help="SPIFFE trust domain (your organisation)")
+    ] = "example.org",
+) -> None:
+    """Create ztai.yaml, the data directory, signing keys, default policies and the database.
+
+    Example: ztai init --trust-domain example.org
+    """
+    if not config.exists():
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(CONFIG_TEMPLATE.format(trust_domain=trust_domain))
+        err.print(f"wrote {config}")
+    settings = settings_for(config)
+    data = settings.data_path
+    data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if (data / "keys.json").exists():
+        err.print(f"keys already exist in {data} (rotate with `ztai keys rotate`)")
+    else:
+        KeyStore.create(data)
+        err.print(f"created signing keys in {data / 'keys.json'} (mode 0600)")
+    policies = settings.policy_path
+    if not policies.exists():
+        shutil.copytree(DEFAULTS_DIR, policies, ignore=shutil.ignore_patterns("__pycache__"))
+        err.print(f"copied default policies to {policies}")
+    open_database_for(settings).close()
+    err.print(f"database ready at {settings.store_url.split('@')[-1]}")
+
+
+@app.command()
+def serve(
+    config: ConfigOption = DEFAULT_CONFIG_PATH,
+    host: Annotated[str | None, typer.Option(help="address to bind")] = None,
+    port: Annotated[int | None, typer.Option(help="port to bind")] = None,
+    workers: Annotated[int | None, typer.Option(help="worker processes")] = None,
+    upstream: Annotated[
+        list[str] | None, typer.Option(help="NAME=URL: an upstream serving model NAME (repeatable)")
+    ] = None,
+) -> None:
+    """Run the gateway.
+
+    Example: ztai serve --port 8787 --upstream mock=http://127.0.0.1:9100/v1
+    """
+    import uvicorn
+
+    from ztai.gateway.app import CONFIG_ENV, UPSTREAMS_ENV, create_app
+
+    extra = _parse_upstreams(upstream or [])
+    settings = with_upstreams(settings_for(config), extra)
+    bind_host = host or settings.server.host
+    bind_port = port or settings.server.port
+    worker_count = workers or settings.server.workers
+    open_database_for(settings).close()  # migrate once, before any worker starts
+    pid_file = settings.data_path / "ztai.pid"
+    pid_file.write_text(str(os.getpid()))
+    common = {
+        "host": bind_host,
+        "port": bind_port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "access_log": False,
+        "log_level": "warning",
+        "timeout_graceful_shutdown": 10,
+    }
+    err.print(
+        f"ztai serving on http://{bind_host}:{bind_port}/v1 ({worker_count} worker(s)); "
+        f"policies {settings.policy_path}"
+    )
+    try:
+        if worker_count == 1:
+            uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
+        else:
+            os.environ[CONFIG_ENV] = str(config.resolve())
+            os.environ[UPSTREAMS_ENV] = orjson.dumps(extra).decode()
+            metrics_dir = settings.data_path / "prometheus"
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            metrics_dir.mkdir(parents=True)
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+            uvicorn.run("ztai.gateway.app:app_from_environment", factory=True, workers=worker_count, **common)  # type: ignore[arg-type]
+    finally:
+        pid_file.unlink(missing_ok=True)
+
+
+def _parse_upstreams(values: list[str]) -> dict[str, dict[str, object]]:
+    upstreams: dict[str, dict[str, object]] = {}
+    for value in values:
+        name, sep, url = value.partition("=")
+        if not sep or not name or not url:
+            raise typer.BadParameter(f"--upstream {value!r}: expected NAME=URL")
+        upstreams[name] = {"base_url": url, "models": [name]}
+    return upstreams
+
+
+@app.command("mock-upstream")
+def mock_upstream(
+    port: Annotated[int, typer.Option(help="port to bind")] = 9100,
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    config: ConfigOption = DEFAULT_CONFIG_PATH,
+) -> None:
+    """Serve an OpenAI-compatible mock provider (canned and streamed replies) on 127.0.0.1.
+
+    Example: ztai mock-upstream --port 9100
+    """
+    import uvicorn
+
+    from ztai.gateway.mock_upstream import create_mock_app
+
+    err.print(f"mock upstream on http://{host}:{port}/v1 (model: mock)")
+    uvicorn.run(
+        create_mock_app(),
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+    )
+
+
+@app.command()
+def demo(config: ConfigOption = DEFAULT_CONFIG_PATH) -> None:
+    """Initialise if needed, start the mock upstream, print a demo token and serve on :8787.
+
+    Example: ztai demo
+    """
+    import subprocess
+    import time
+
+    if not config.exists():
+        init(config=config, trust_domain="example.org")
+    mock = subprocess.Popen([sys.executable, "-m", "ztai.cli.main", "mock-upstream", "--port", "9100"])
+    try:
+        time.sleep(0.5)
+        token = token_commands.issue_for_demo(config)
+        err.print(
+            "\n[bold]Try it[/bold] (token valid for 1 hour, may call model 'mock'):\n"
+            f"  export ZTAI_TOKEN={token}\n"
+            '  curl -s http://127.0.0.1:8787/v1/chat/completions -H "Authorization: Bearer $ZTAI_TOKEN" '
+            "-H 'content-type: application/json' "
+            '-d \'{"model":"mock","messages":[{"role":"user","content":"hello"}]}\'\n'
+        )
+        serve(config=config, host=None, port=None, workers=None, upstream=["mock=http://127.0.0.1:9100/v1"])
+    finally:
+        mock.send_signal(signal.SIGTERM)
+        mock.wait(timeout=10)
+
+
+def main() -> None:
+    try:
+        app()
+    except ZtaiError as exc:
+        fail(exc.message)
+
+
+if __name__ == "__main__":
+    main()

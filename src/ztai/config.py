@@ -1,0 +1,224 @@
+"""Settings: one YAML file (`ztai.yaml`), every key overridable by `ZTAI_*` environment variables.
+
+Nested keys use a double underscore: `ZTAI_STORE__URL`, `ZTAI_IDENTITY__DEFAULT_TTL_SECONDS`.
+Relative paths in the file are relative to the file's own directory, so a config works wherever
+the command is started from. Unknown keys are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from ztai.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("ztai.yaml")
+_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8787, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
+    max_json_depth: int = Field(32, ge=2, le=256)
+
+
+class StoreSettings(_Section):
+    url: str = ""  # empty: SQLite file `ztai.db` inside data_dir
+    sqlite_synchronous: Literal["NORMAL", "FULL"] = "FULL"
+    pool_size: int = Field(5, ge=1, le=100)
+
+
+class ExternalIssuerSettings(_Section):
+    """An external OIDC issuer whose tokens are accepted (verified against its JWKS)."""
+
+    issuer: str
+    audience: str
+    jwks_url: str = ""
+    jwks_file: str = ""
+    refresh_seconds: float = Field(300.0, ge=1.0)
+    algorithms: list[str] = ["RS256", "ES256", "EdDSA"]
+    principal_kind: Literal["user", "agent", "service", "model"] = "user"
+    subject_claim: str = "sub"
+
+    @model_validator(mode="after")
+    def _one_jwks_source(self) -> ExternalIssuerSettings:
+        if bool(self.jwks_url) == bool(self.jwks_file):
+            raise ValueError("set exactly one of jwks_url or jwks_file")
+        return self
+
+
+class SpiffeBundleSettings(_Section):
+    """A SPIFFE trust bundle (JWKS form) whose JWT-SVIDs are accepted."""
+
+    trust_domain: str
+    bundle_file: str
+    audience: str = "ztai"
+
+
+class IdentitySettings(_Section):
+    issuer: str = ""  # empty: spiffe://<trust_domain>/service/ztai
+    audience: str = "ztai"
+    default_ttl_seconds: int = Field(300, ge=1)
+    max_ttl_seconds: int = Field(3600, ge=1)
+    leeway_seconds: int = Field(5, ge=0, le=300)
+    max_token_bytes: int = Field(8192, ge=256, le=65536)
+    algorithms: list[Literal["EdDSA", "ES256"]] = ["EdDSA"]
+    verified_cache_size: int = Field(100_000, ge=0)
+    revocation_refresh_seconds: float = Field(1.0, gt=0)
+    external_issuers: list[ExternalIssuerSettings] = []
+    spiffe_bundles: list[SpiffeBundleSettings] = []
+
+    @model_validator(mode="after")
+    def _ttl_order(self) -> IdentitySettings:
+        if self.default_ttl_seconds > self.max_ttl_seconds:
+            raise ValueError("default_ttl_seconds must not exceed max_ttl_seconds")
+        return self
+
+
+class PolicySettings(_Section):
+    dir: str = "policies"
+    entities_file: str = ""  # optional static Cedar entities (JSON), parsed once
+
+
+class AuditSettings(_Section):
+    checkpoint_interval_seconds: float = Field(2.0, gt=0)
+    batch_max_events: int = Field(512, ge=1, le=10_000)
+    ocsf_file: str = ""  # optional OCSF JSON-lines export for SIEMs
+
+
+class UpstreamSettings(_Section):
+    base_url: str
+    api_key_env: str = ""  # name of the environment variable holding the key; never the key itself
+    models: list[str] = []
+    timeout_seconds: float = Field(60.0, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class Settings(BaseSettings):
+    """All of ztai's settings. Build with `load_settings(path)`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ZTAI_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        nested_model_default_partial_update=True,
+    )
+
+    trust_domain: str = "example.org"
+    data_dir: str = ".ztai"
+    server: ServerSettings = ServerSettings()
+    store: StoreSettings = StoreSettings()
+    identity: IdentitySettings = IdentitySettings()
+    policy: PolicySettings = PolicySettings()
+    audit: AuditSettings = AuditSettings()
+    upstreams: dict[str, UpstreamSettings] = {}
+
+    # Where the settings came from; relative paths resolve against it. Not a setting itself.
+    config_dir: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("trust_domain")
+    @classmethod
+    def _valid_trust_domain(cls, value: str) -> str:
+        if not _TRUST_DOMAIN.match(value):
+            raise ValueError("must be lowercase letters, digits, '.', '-' or '_'")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file (if any) is named by `load_settings` in a per-file subclass's model_config.
+        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
+
+    # Derived paths ---------------------------------------------------------------------------
+    def path(self, value: str) -> Path:
+        """Resolve a configured path against the config file's directory."""
+        candidate = Path(value).expanduser()
+        return candidate if candidate.is_absolute() else (self.config_dir / candidate).resolve()
+
+    @property
+    def data_path(self) -> Path:
+        return self.path(self.data_dir)
+
+    @property
+    def store_url(self) -> str:
+        return self.store.url or f"sqlite:///{self.data_path / 'ztai.db'}"
+
+    @property
+    def issuer(self) -> str:
+        return self.identity.issuer or f"spiffe://{self.trust_domain}/service/ztai"
+
+    @property
+    def policy_path(self) -> Path:
+        return self.path(self.policy.dir)
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read settings from the YAML file (if it exists), then `ZTAI_*` variables, then `overrides`.
+
+    Raises `ConfigError` naming the offending key when anything is invalid.
+    """
+    config_path = Path(path) if path is not None else Path(os.environ.get("ZTAI_CONFIG", DEFAULT_CONFIG_PATH))
+    config_path = config_path.expanduser().resolve()
+    if path is not None and not config_path.exists():
+        raise ConfigError(f"config file {config_path} does not exist (create it with `ztai init`)")
+
+    class FileSettings(Settings):
+        model_config = SettingsConfigDict(yaml_file=config_path if config_path.exists() else None)
+
+    try:
+        settings: Settings = FileSettings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, config_path)) from None
+    except (ValueError, OSError) as exc:  # YAML syntax errors, unreadable file
+        raise ConfigError(f"cannot read {config_path}: {exc}") from None
+    settings.config_dir = config_path.parent
+    return settings
+
+
+def _describe(exc: ValidationError, config_path: Path) -> str:
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(root)"
+        problems.append(f"  {key}: {error['msg']}")
+    return f"invalid configuration ({config_path} and ZTAI_* variables):\n" + "\n".join(problems)
+
+
+def with_upstreams(settings: Settings, extra: dict[str, dict[str, Any]]) -> Settings:
+    """A copy of `settings` with more upstreams (e.g. from `ztai serve --upstream NAME=URL`)."""
+    if not extra:
+        return settings
+    try:
+        added = {name: UpstreamSettings(**values) for name, values in extra.items()}
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, Path("--upstream"))) from None
+    merged = settings.model_copy(update={"upstreams": {**settings.upstreams, **added}})
+    merged.config_dir = settings.config_dir
+    return merged

@@ -1,0 +1,132 @@
+"""A built-in OpenAI-compatible mock provider for demos, tests and benchmarks.
+
+Replies are canned and deterministic. Streaming sends one SSE chunk per word. A message containing
+`[[mock:error]]` gets a 500, `[[mock:sleep:MS]]` waits MS milliseconds first (to exercise timeouts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from ztai.gateway.responses import JSONResponse, error_body
+
+_SLEEP = re.compile(r"\[\[mock:sleep:(\d{1,6})\]\]")
+EMBEDDING_DIMENSIONS = 8
+
+
+def _last_user_text(messages: Any) -> str:
+    if isinstance(messages, list):
+        for message in reversed(messages):
+            if isinstance(message, dict) and message.get("role") == "user":
+                content = message.get("content")
+                if isinstance(content, str):
+                    return content
+                if isinstance(content, list):
+                    return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+def reply_text(prompt: str) -> str:
+    words = prompt.split()
+    preview = " ".join(words[:12])
+    return f"This is a mock reply to: {preview}" if preview else "This is a mock reply."
+
+
+async def chat_completions(request: Request) -> Response:
+    payload = orjson.loads(await request.body())
+    prompt = _last_user_text(payload.get("messages"))
+    if "[[mock:error]]" in prompt:
+        return JSONResponse(error_body("mock failure", "server_error", "mock_error"), status_code=500)
+    sleep = _SLEEP.search(prompt)
+    if sleep:
+        await asyncio.sleep(int(sleep.group(1)) / 1000)
+    model = str(payload.get("model", "mock"))
+    text = reply_text(prompt)
+    created = int(time.time())
+    completion_id = f"chatcmpl-mock{created}"
+    if payload.get("stream"):
+        return StreamingResponse(_stream(completion_id, created, model, text), media_type="text/event-stream")
+    usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    return JSONResponse(
+        {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                }
+            ],
+            "usage": usage,
+        }
+    )
+
+
+async def _stream(completion_id: str, created: int, model: str, text: str) -> AsyncIterator[bytes]:
+    def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
+        body = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        }
+        return b"data: " + orjson.dumps(body) + b"\n\n"
+
+    yield chunk({"role": "assistant", "content": ""}, None)
+    words = text.split(" ")
+    for index, word in enumerate(words):
+        yield chunk({"content": word if index == 0 else " " + word}, None)
+        await asyncio.sleep(0)
+    yield chunk({}, "stop")
+    yield b"data: [DONE]\n\n"
+
+
+async def embeddings(request: Request) -> Response:
+    payload = orjson.loads(await request.body())
+    inputs = payload.get("input")
+    items = inputs if isinstance(inputs, list) else [inputs]
+    data = []
+    for index, item in enumerate(items):
+        seed = sum(str(item).encode()) or 1
+        vector = [((seed * (i + 7)) % 1000) / 1000 for i in range(EMBEDDING_DIMENSIONS)]
+        data.append({"object": "embedding", "index": index, "embedding": vector})
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "model": payload.get("model", "mock"),
+            "usage": {"prompt_tokens": len(items), "total_tokens": len(items)},
+        }
+    )
+
+
+async def models(_request: Request) -> Response:
+    return JSONResponse(
+        {"object": "list", "data": [{"id": "mock", "object": "model", "created": 0, "owned_by": "ztai-mock"}]}
+    )
+
+
+def create_mock_app() -> Starlette:
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+        ]
+    )

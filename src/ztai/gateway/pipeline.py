@@ -1,0 +1,206 @@
+"""The request path, one explicit sequence of stages:
+
+    admit (read bounded body, authenticate) -> [route parses its payload]
+    -> authorize (collect context, decide, audit durably) -> [route forwards and responds]
+
+Each stage is a plain function with one job. What a stage learns goes into the `Call`, so the policy sees
+all of it and the audit record explains it. Failures raise typed errors (401/403/413/422/503) that the
+app maps to responses in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+
+from ztai.audit.events import decision_event, new_event_id
+from ztai.errors import (
+    AuthenticationError,
+    MalformedRequest,
+    PayloadTooLarge,
+    PermissionDenied,
+    PolicyEvaluationError,
+    StepUpRequired,
+)
+from ztai.gateway import metrics
+from ztai.gateway.runtime import Runtime
+from ztai.identity import Principal
+from ztai.policy import Decision, default_context, principal_request, token_context
+from ztai.policy.context import clock
+
+
+@dataclass
+class Call:
+    """One request as it moves through the stages."""
+
+    route: str
+    action: str
+    resource_type: str
+    resource_id: str
+    body: bytes = b""
+    payload: dict[str, Any] = field(default_factory=dict)
+    principal: Principal | None = None
+    context: dict[str, Any] = field(default_factory=dict)
+    decision: Decision | None = None
+    decision_id: str = ""
+
+
+# Stage 1: read and bound the input --------------------------------------------------------------
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json_object(body: bytes, max_depth: int) -> dict[str, Any]:
+    if not body:
+        raise MalformedRequest("request body is empty; expected a JSON object")
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedRequest(f"request body is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    if not isinstance(payload, dict):
+        raise MalformedRequest("request body must be a JSON object")
+    if _depth_exceeds(payload, max_depth):
+        raise MalformedRequest(f"request body nests deeper than {max_depth} levels")
+    return payload
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend((child, depth + 1) for child in node.values() if isinstance(child, dict | list))
+        elif isinstance(node, list):
+            stack.extend((child, depth + 1) for child in node if isinstance(child, dict | list))
+    return False
+
+
+# Stage 2: authenticate -----------------------------------------------------------------------------
+def bearer_token(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not header:
+        raise AuthenticationError(
+            "missing bearer token (Authorization: Bearer <ztai token>)", code="missing_token"
+        )
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationError("Authorization header must be 'Bearer <token>'", code="malformed_token")
+    return token.strip()
+
+
+async def authenticate(runtime: Runtime, request: Request) -> Principal:
+    return await runtime.verifier.verify_async(bearer_token(request))
+
+
+# Stage 3: collect context --------------------------------------------------------------------------
+def collect_context(call: Call, request: Request) -> dict[str, Any]:
+    assert call.principal is not None
+    principal = call.principal
+    context = default_context()
+    context["tenant"] = principal.tenant
+    context["principal_kind"] = principal.kind
+    context["token"] = token_context(principal.claims, principal.issuer)
+    context["network"] = {"ip": request.client.host if request.client else ""}
+    context["time"] = clock()
+    context["request"] = {
+        "route": call.route,
+        "stream": bool(call.payload.get("stream")),
+        "bytes": len(call.body),
+    }
+    return context
+
+
+# Stage 4: decide -----------------------------------------------------------------------------------
+def decide(runtime: Runtime, call: Call) -> Decision:
+    assert call.principal is not None
+    request = principal_request(
+        call.principal.spiffe_id,
+        call.principal.kind,
+        call.action,
+        call.resource_type,
+        call.resource_id,
+        call.context,
+    )
+    try:
+        return runtime.policy.decide(request)
+    except Exception as exc:  # the policy engine failing must refuse the request, not allow it
+        raise PolicyEvaluationError(f"policy evaluation failed: {type(exc).__name__}") from None
+
+
+# Stage 5: audit ------------------------------------------------------------------------------------
+async def record(runtime: Runtime, call: Call) -> None:
+    """Make the decision durable before anything else happens (raises AuditUnavailable: fail closed)."""
+    assert call.principal is not None and call.decision is not None
+    decision = call.decision
+    event = decision_event(
+        decision_id=call.decision_id,
+        tenant=call.principal.tenant,
+        principal=call.principal.spiffe_id,
+        action=call.action,
+        resource=f"{call.resource_type}::{call.resource_id}",
+        effect=decision.effect,
+        reasons=decision.reasons,
+        errors=decision.errors,
+        obligations=decision.obligations,
+        policy_revision=decision.policy_revision,
+        request={
+            "route": call.route,
+            "jti": call.principal.jti,
+            "fingerprint": hashlib.sha256(call.body).hexdigest(),
+            "bytes": len(call.body),
+            "ip": call.context.get("network", {}).get("ip", ""),
+        },
+    )
+    await runtime.audit.record(event)
+
+
+# The sequence --------------------------------------------------------------------------------------
+async def admit(runtime: Runtime, request: Request) -> tuple[bytes, Principal]:
+    """Read the bounded body and authenticate the caller: 413 or 401 before anything else is looked at."""
+    stage = time.perf_counter()
+    body = await read_body(request, runtime.settings.server.max_body_bytes)
+    now = time.perf_counter()
+    metrics.STAGE["read"].observe(now - stage)
+    principal = await authenticate(runtime, request)
+    metrics.STAGE["authenticate"].observe(time.perf_counter() - now)
+    return body, principal
+
+
+async def authorize(runtime: Runtime, request: Request, call: Call) -> Call:
+    """Collect context, decide and audit `call` (its principal is authenticated). Returns it when allowed."""
+    stage = time.perf_counter()
+    call.context = collect_context(call, request)
+    call.decision = decide(runtime, call)
+    call.decision_id = new_event_id("dec")
+    now = time.perf_counter()
+    metrics.STAGE["decide"].observe(now - stage)
+    metrics.DECISIONS.labels(call.action, call.decision.effect).inc()
+
+    stage = now
+    await record(runtime, call)
+    metrics.STAGE["audit"].observe(time.perf_counter() - stage)
+
+    if call.decision.effect == "step_up":
+        raise StepUpRequired("step-up authentication required for this request", decision_id=call.decision_id)
+    if not call.decision.allowed:
+        raise PermissionDenied(
+            f"{call.action} on {call.resource_id} denied by policy", decision_id=call.decision_id
+        )
+    return call

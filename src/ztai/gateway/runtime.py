@@ -1,0 +1,93 @@
+"""Everything a running gateway holds: built once at start, closed at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+
+from ztai.audit import AuditLog, AuditWriter
+from ztai.audit.ocsf import OcsfFileExporter
+from ztai.config import Settings
+from ztai.errors import PolicyError, ZtaiError
+from ztai.gateway.upstream import Upstreams
+from ztai.identity import KeyStore, RevocationList, TokenVerifier
+from ztai.policy import PolicyEngine, model_entities
+from ztai.store import Database, open_database
+
+log = logging.getLogger("ztai.gateway")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    database: Database
+    keys: KeyStore
+    revocations: RevocationList
+    verifier: TokenVerifier
+    policy: PolicyEngine
+    audit_log: AuditLog
+    audit: AuditWriter
+    upstreams: Upstreams
+    _refresher: asyncio.Task[None] | None = None
+
+    @classmethod
+    def build(cls, settings: Settings) -> Runtime:
+        """Load keys and policies and open the store; raises ZtaiError with a clear message on failure."""
+        database = open_database(
+            settings.store_url,
+            sqlite_synchronous=settings.store.sqlite_synchronous,
+            pool_size=settings.store.pool_size,
+        )
+        keys = KeyStore.load(settings.data_path)
+        revocations = RevocationList(database, refresh_seconds=settings.identity.revocation_refresh_seconds)
+        revocations.refresh()
+        upstreams = Upstreams(settings.upstreams)
+        policy = PolicyEngine(
+            settings.policy_path,
+            model_entities((model, upstream.name) for model, upstream in upstreams.by_model.items()),
+        )
+        audit_log = AuditLog(database, keys.audit.private_key)
+        exporter = (
+            OcsfFileExporter(settings.path(settings.audit.ocsf_file)) if settings.audit.ocsf_file else None
+        )
+        audit = AuditWriter(
+            audit_log,
+            batch_max=settings.audit.batch_max_events,
+            checkpoint_interval=settings.audit.checkpoint_interval_seconds,
+            exporter=exporter,
+        )
+        verifier = TokenVerifier(settings, keys, revocations)
+        return cls(settings, database, keys, revocations, verifier, policy, audit_log, audit, upstreams)
+
+    async def start(self) -> None:
+        self.audit.start()
+        self._refresher = asyncio.create_task(self._refresh_revocations())
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_policies)
+
+    async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+        await self.upstreams.close()
+        await asyncio.to_thread(self.audit.stop)
+        self.database.close()
+
+    def reload_policies(self) -> None:
+        try:
+            bundle = self.policy.reload()
+        except PolicyError as exc:
+            log.error("policy reload rejected, previous policies stay active: %s", exc.message)
+            return
+        log.info("policies reloaded: revision %s (%d files)", bundle.revision, len(bundle.files))
+
+    async def _refresh_revocations(self) -> None:
+        interval = self.settings.identity.revocation_refresh_seconds
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(self.revocations.refresh)
+            except ZtaiError as exc:
+                log.warning("%s", exc.message)

@@ -1,0 +1,172 @@
+"""Policy evaluation with Cedar: parse once, decide many times, explain every decision.
+
+Policies are `*.cedar` files in one directory. A load parses and validates all of them against the
+schema; a reload that fails leaves the previous set active. Annotations give ztai's extra vocabulary:
+`@id("...")` names a policy in reasons, `@effect("step_up")` on a forbid turns its denial into a step-up,
+and `@obligation("...")` on a permit adds an obligation to the allow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import cedarpy
+import orjson
+
+from ztai.errors import PolicyError
+
+SCHEMA_PATH = Path(__file__).parent / "schema.cedarschema"
+DEFAULTS_DIR = Path(__file__).parent / "defaults"
+DEFAULT_DENY = "default-deny"
+
+Effect = Literal["allow", "deny", "step_up", "allow_with_obligations"]
+ENTITY_TYPES = {"user": "User", "agent": "Agent", "service": "Service", "model": "Model"}
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer to one request, with everything needed to explain it."""
+
+    effect: Effect
+    reasons: list[str]
+    errors: list[str] = field(default_factory=list)
+    obligations: list[str] = field(default_factory=list)
+    policy_revision: str = ""
+
+    @property
+    def allowed(self) -> bool:
+        return self.effect in ("allow", "allow_with_obligations")
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """principal asks to perform action on resource in context."""
+
+    principal_type: str
+    principal_id: str
+    action: str
+    resource_type: str
+    resource_id: str
+    context: dict[str, Any]
+
+    def to_cedar(self) -> dict[str, Any]:
+        return {
+            "principal": {"type": self.principal_type, "id": self.principal_id},
+            "action": {"type": "Action", "id": self.action},
+            "resource": {"type": self.resource_type, "id": self.resource_id},
+            # Serialised here with orjson: cheaper than letting cedarpy use the stdlib json module.
+            "context": orjson.dumps(self.context).decode(),
+        }
+
+
+@dataclass(frozen=True)
+class PolicyBundle:
+    """One validated, parsed generation of policies, schema and static entities."""
+
+    policies: Any  # cedarpy.PolicySet
+    entities: Any  # cedarpy.Entities
+    names: dict[str, str]  # parser id (policy0...) -> display id (@id or file:index)
+    annotations: dict[str, dict[str, str]]
+    revision: str
+    files: list[str]
+
+
+def load_bundle(policy_dir: Path, extra_entities: list[dict[str, Any]] | None = None) -> PolicyBundle:
+    """Read, validate and parse every `*.cedar` file in `policy_dir`. Raises PolicyError."""
+    files = sorted(policy_dir.glob("*.cedar"))
+    if not files:
+        raise PolicyError(f"no *.cedar policy files in {policy_dir}")
+    schema_text = SCHEMA_PATH.read_text()
+    texts: list[str] = []
+    names: dict[str, str] = {}
+    annotations: dict[str, dict[str, str]] = {}
+    digest = hashlib.sha256(schema_text.encode())
+    for path in files:
+        text = path.read_text()
+        digest.update(path.name.encode() + b"\0" + text.encode() + b"\0")
+        try:
+            parsed = orjson.loads(cedarpy.policies_to_json_str(text))
+        except ValueError as exc:
+            raise PolicyError(f"{path.name}: {exc}") from None
+        for index, (_, policy) in enumerate(parsed["staticPolicies"].items()):
+            generated = f"policy{len(names)}"
+            notes = dict(policy.get("annotations") or {})
+            names[generated] = notes.get("id") or f"{path.stem}:{index}"
+            annotations[generated] = notes
+        texts.append(text)
+    combined = "\n".join(texts)
+    validation = cedarpy.validate_policies(combined, schema_text)
+    if not validation.validation_passed:
+        problems = "; ".join(f"{names.get(e.policy_id, e.policy_id)}: {e.error}" for e in validation.errors)
+        raise PolicyError(f"policies failed validation: {problems}")
+    duplicates = {n for n in names.values() if list(names.values()).count(n) > 1}
+    if duplicates:
+        raise PolicyError(f"duplicate policy ids: {', '.join(sorted(duplicates))}")
+    try:
+        policies = cedarpy.PolicySet.from_str(combined)
+        entities = cedarpy.Entities.from_json_str(orjson.dumps(extra_entities or []).decode(), schema_text)
+    except ValueError as exc:
+        raise PolicyError(str(exc)) from None
+    return PolicyBundle(
+        policies, entities, names, annotations, digest.hexdigest()[:16], [p.name for p in files]
+    )
+
+
+class PolicyEngine:
+    """Decides requests against the active bundle; `reload()` swaps bundles atomically."""
+
+    def __init__(self, policy_dir: Path, static_entities: list[dict[str, Any]] | None = None) -> None:
+        self.policy_dir = policy_dir
+        self._static_entities = static_entities or []
+        self._lock = threading.Lock()
+        self.bundle = load_bundle(policy_dir, self._static_entities)
+
+    @property
+    def revision(self) -> str:
+        return self.bundle.revision
+
+    def reload(self) -> PolicyBundle:
+        """Load the directory again; on any error the old bundle stays active and PolicyError is raised."""
+        with self._lock:
+            bundle = load_bundle(self.policy_dir, self._static_entities)
+            self.bundle = bundle
+            return bundle
+
+    def decide(self, request: Request) -> Decision:
+        bundle = self.bundle
+        result = cedarpy.is_authorized(request.to_cedar(), bundle.policies, bundle.entities)
+        return _explain(result, bundle)
+
+    def decide_many(self, requests: list[Request]) -> list[Decision]:
+        bundle = self.bundle
+        results = cedarpy.is_authorized_batch(
+            [r.to_cedar() for r in requests], bundle.policies, bundle.entities
+        )
+        return [_explain(result, bundle) for result in results]
+
+
+def _explain(result: Any, bundle: PolicyBundle) -> Decision:
+    diagnostics = result.diagnostics
+    reasons = [bundle.names.get(r, r) for r in diagnostics.reasons]
+    errors = list(diagnostics.errors)
+    if errors:
+        # Cedar skips a policy that errors, which could drop a forbid: fail closed instead.
+        return Decision("deny", reasons or ["policy-evaluation-error"], errors, [], bundle.revision)
+    if result.allowed:
+        obligations = sorted(
+            {
+                bundle.annotations[r]["obligation"]
+                for r in diagnostics.reasons
+                if "obligation" in bundle.annotations[r]
+            }
+        )
+        effect: Effect = "allow_with_obligations" if obligations else "allow"
+        return Decision(effect, reasons, [], obligations, bundle.revision)
+    if not reasons:
+        return Decision("deny", [DEFAULT_DENY], [], [], bundle.revision)
+    step_up = all(bundle.annotations[r].get("effect") == "step_up" for r in diagnostics.reasons)
+    return Decision("step_up" if step_up else "deny", reasons, [], [], bundle.revision)
