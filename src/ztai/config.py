@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -197,7 +198,7 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         settings: Settings = FileSettings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, config_path)) from None
-    except (ValueError, OSError) as exc:  # YAML syntax errors, unreadable file
+    except (ValueError, OSError, yaml.YAMLError) as exc:  # YAML syntax errors, unreadable file
         raise ConfigError(f"cannot read {config_path}: {exc}") from None
     settings.config_dir = config_path.parent
     return settings

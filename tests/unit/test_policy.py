@@ -1,0 +1,141 @@
+"""Cedar policy engine: validation, decisions and their explanation, reload, policy tests."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ztai.errors import PolicyError
+from ztai.policy import PolicyEngine, merge_context, model_entities, principal_request
+from ztai.policy.engine import DEFAULTS_DIR
+from ztai.policy.testing import run_file
+
+ALICE = "spiffe://example.org/user/alice"
+
+
+@pytest.fixture
+def policy_dir(tmp_path: Path) -> Path:
+    target = tmp_path / "policies"
+    shutil.copytree(DEFAULTS_DIR, target)
+    return target
+
+
+@pytest.fixture
+def engine(policy_dir: Path) -> PolicyEngine:
+    return PolicyEngine(policy_dir, model_entities([("mock", "mock"), ("gpt", "openai")]))
+
+
+def chat(engine: PolicyEngine, models: list[str], model: str = "mock", **context: object) -> object:
+    request = principal_request(
+        ALICE, "user", "chat", "Model", model, merge_context({"token": {"models": models}, **context})
+    )
+    return engine.decide(request)
+
+
+def test_listed_model_is_allowed_with_the_policy_id_as_reason(engine: PolicyEngine) -> None:
+    decision = chat(engine, ["mock"])
+    assert decision.effect == "allow"  # type: ignore[attr-defined]
+    assert decision.reasons == ["models-listed-in-token"]  # type: ignore[attr-defined]
+    assert decision.policy_revision == engine.revision  # type: ignore[attr-defined]
+
+
+def test_default_deny_names_itself(engine: PolicyEngine) -> None:
+    decision = chat(engine, ["other"])
+    assert (decision.effect, decision.reasons) == ("deny", ["default-deny"])  # type: ignore[attr-defined]
+
+
+def test_high_risk_steps_up(engine: PolicyEngine) -> None:
+    decision = chat(engine, ["mock"], risk_score=95)
+    assert decision.effect == "step_up"  # type: ignore[attr-defined]
+
+
+def test_plain_forbid_beats_step_up(engine: PolicyEngine, policy_dir: Path) -> None:
+    (policy_dir / "block.cedar").write_text(
+        '@id("no-gpt")\nforbid (principal, action, resource == Model::"gpt");\n'
+    )
+    engine.reload()
+    decision = chat(engine, ["gpt"], model="gpt", risk_score=95)
+    assert decision.effect == "deny"  # type: ignore[attr-defined]
+    assert set(decision.reasons) == {"no-gpt", "step-up-on-high-risk"}  # type: ignore[attr-defined]
+
+
+def test_obligations_come_from_permit_annotations(engine: PolicyEngine, policy_dir: Path) -> None:
+    (policy_dir / "agents.cedar").write_text(
+        '@id("agents-redacted")\n@obligation("redact_pii")\n'
+        'permit (principal is Agent, action == Action::"chat", resource is Model);\n'
+    )
+    engine.reload()
+    request = principal_request(
+        "spiffe://example.org/agent/bot", "agent", "chat", "Model", "gpt", merge_context({})
+    )
+    decision = engine.decide(request)
+    assert decision.effect == "allow_with_obligations"
+    assert decision.obligations == ["redact_pii"]
+
+
+def test_evaluation_errors_fail_closed(engine: PolicyEngine) -> None:
+    # A context missing an attribute the policies read makes Cedar skip those policies: we deny.
+    request = principal_request(ALICE, "user", "chat", "Model", "mock", {"token": {"models": ["mock"]}})
+    decision = engine.decide(request)
+    assert decision.effect == "deny" and decision.errors
+
+
+def test_invalid_policy_is_rejected_and_old_set_stays_active(engine: PolicyEngine, policy_dir: Path) -> None:
+    before = engine.revision
+    (policy_dir / "broken.cedar").write_text(
+        "permit (principal, action, resource) when { context.nope > 1 };"
+    )
+    with pytest.raises(PolicyError, match="validation"):
+        engine.reload()
+    assert engine.revision == before
+    assert chat(engine, ["mock"]).effect == "allow"  # type: ignore[attr-defined]
+    (policy_dir / "broken.cedar").write_text("permit (principal, action, resource) when {")
+    with pytest.raises(PolicyError):
+        engine.reload()
+    assert engine.revision == before
+
+
+def test_duplicate_ids_and_empty_directories_are_rejected(policy_dir: Path, tmp_path: Path) -> None:
+    (policy_dir / "dup.cedar").write_text(
+        '@id("models-listed-in-token")\npermit (principal, action == Action::"chat", resource);\n'
+    )
+    with pytest.raises(PolicyError, match="duplicate"):
+        PolicyEngine(policy_dir)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PolicyError, match="no \\*.cedar"):
+        PolicyEngine(tmp_path / "empty")
+
+
+def test_unannotated_policies_get_file_based_ids(engine: PolicyEngine, policy_dir: Path) -> None:
+    (policy_dir / "extra.cedar").write_text(
+        'permit (principal, action == Action::"embed", resource is Model);\n'
+    )
+    engine.reload()
+    request = principal_request(ALICE, "user", "embed", "Model", "gpt", merge_context({}))
+    assert engine.decide(request).reasons == ["extra:0"]
+
+
+def test_decide_many_matches_decide(engine: PolicyEngine) -> None:
+    context = merge_context({"token": {"models": ["mock"]}})
+    requests = [principal_request(ALICE, "user", "chat", "Model", m, context) for m in ("mock", "gpt")]
+    assert [d.effect for d in engine.decide_many(requests)] == ["allow", "deny"]
+
+
+def test_shipped_policy_tests_pass(engine: PolicyEngine, policy_dir: Path) -> None:
+    results = run_file(engine, policy_dir / "tests.yaml")
+    assert results and all(r.passed for r in results), [r.problem for r in results if not r.passed]
+
+
+def test_policy_test_runner_reports_failures(engine: PolicyEngine, tmp_path: Path) -> None:
+    cases = tmp_path / "cases.yaml"
+    cases.write_text(
+        "cases:\n"
+        "  - {principal: 'spiffe://example.org/user/a', action: chat, resource: mock, expect: allow}\n"
+    )
+    [result] = run_file(engine, cases)
+    assert not result.passed and "expected allow, got deny" in result.problem
+    cases.write_text("cases: [{principal: x}]\n")
+    with pytest.raises(PolicyError):
+        run_file(engine, cases)
