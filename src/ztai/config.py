@@ -50,6 +50,9 @@ class ExternalIssuerSettings(_Section):
 
     issuer: str
     audience: str
+    # Principals of this issuer are spiffe://<trust_domain>/<principal_kind>/<name>/<sub>, so they never
+    # collide with ztai-issued identities or with another issuer's subjects. Empty: the issuer's host.
+    name: str = ""
     jwks_url: str = ""
     jwks_file: str = ""
     refresh_seconds: float = Field(300.0, ge=1.0)
@@ -61,6 +64,11 @@ class ExternalIssuerSettings(_Section):
     def _one_jwks_source(self) -> ExternalIssuerSettings:
         if bool(self.jwks_url) == bool(self.jwks_file):
             raise ValueError("set exactly one of jwks_url or jwks_file")
+        if not self.name:
+            host = self.issuer.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
+            self.name = re.sub(r"[^A-Za-z0-9._-]", "-", host) or "external"
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,128}", self.name):
+            raise ValueError("name must be letters, digits, '.', '-' or '_'")
         return self
 
 

@@ -215,12 +215,15 @@ def demo(config: ConfigOption = DEFAULT_CONFIG_PATH) -> None:
     try:
         time.sleep(0.5)
         token = token_commands.issue_for_demo(config)
-        err.print(
-            "\n[bold]Try it[/bold] (token valid for 1 hour, may call model 'mock'):\n"
+        # Plain print, not Rich: a wrapped token could not be copied.
+        print(
+            "\nTry it (token valid for 1 hour, may call model 'mock'):\n"
             f"  export ZTAI_TOKEN={token}\n"
             '  curl -s http://127.0.0.1:8787/v1/chat/completions -H "Authorization: Bearer $ZTAI_TOKEN" '
             "-H 'content-type: application/json' "
-            '-d \'{"model":"mock","messages":[{"role":"user","content":"hello"}]}\'\n'
+            '-d \'{"model":"mock","messages":[{"role":"user","content":"hello"}]}\'\n',
+            file=sys.stderr,
+            flush=True,
         )
         serve(config=config, host=None, port=None, workers=None, upstream=["mock=http://127.0.0.1:9100/v1"])
     finally:

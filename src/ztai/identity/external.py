@@ -114,19 +114,20 @@ class ExternalIssuer:
         return claims
 
     def subject_path(self, claims: dict[str, Any]) -> str:
-        """`<kind>/<name>` for the SPIFFE ID of this issuer's subject.
+        """`<kind>/<issuer name>/<sub>` for the SPIFFE ID of this issuer's subject.
 
-        Subjects that are not valid SPIFFE path segments are base32-encoded under an extra `ext`
-        segment, so two different subjects can never map to the same principal.
+        The issuer's name keeps its subjects apart from ztai-issued identities and from other issuers'.
+        Subjects that are not valid SPIFFE path segments are base32-encoded under an extra `ext` segment,
+        so two different subjects can never map to the same principal.
         """
         subject = str(claims.get(self.settings.subject_claim, ""))
         if not subject:
             raise AuthenticationError("token has no subject", code="invalid_subject")
-        kind = self.settings.principal_kind
+        prefix = f"{self.settings.principal_kind}/{self.settings.name}"
         if _SUBJECT_SEGMENT.match(subject) and subject not in (".", ".."):
-            return f"{kind}/{subject}"
+            return f"{prefix}/{subject}"
         encoded = base64.b32encode(subject.encode()).decode().rstrip("=").lower()
-        return f"{kind}/ext/{encoded}"
+        return f"{prefix}/ext/{encoded}"
 
 
 class SpiffeTrust:

@@ -81,14 +81,18 @@ class KeyStore:
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:
             raise ConfigError(f"{path} is readable by others (mode {oct(mode)}); run chmod 600")
-        document = json.loads(path.read_text())
-        return cls(path, [_decode(entry) for entry in document["signing"]], _decode(document["audit"]))
+        try:
+            document = json.loads(path.read_text())
+            return cls(path, [_decode(entry) for entry in document["signing"]], _decode(document["audit"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path} is corrupt: {type(exc).__name__}: {exc}") from None
 
     def save(self) -> None:
         document = {"signing": [_encode(k) for k in self.signing], "audit": _encode(self.audit)}
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         temporary = self.path.with_suffix(".tmp")
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        temporary.unlink(missing_ok=True)  # a stale file could carry looser permissions
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "w") as handle:
             json.dump(document, handle, indent=2)
             handle.flush()

@@ -59,9 +59,11 @@ class TokenVerifier:
         """The principal for an already-verified token, after expiry and revocation checks."""
         if len(token) > self._max_bytes:
             raise AuthenticationError("token too large", code="token_too_large")
-        principal = self._cache.get(_digest(token))
+        key = _digest(token)
+        principal = self._cache.get(key)
         if principal is not None:
             self._check_live(principal)
+            self._cache.move_to_end(key)  # least recently used goes first
         return principal
 
     def verify(self, token: str) -> Principal:
@@ -135,6 +137,9 @@ class TokenVerifier:
     def _verify_own(self, token: str, header: dict[str, Any]) -> Principal:
         if header.get("alg") not in self._algorithms:
             raise AuthenticationError("token algorithm not allowed", code="bad_algorithm")
+        if header.get("alg") != "EdDSA":
+            # ztai's keys are Ed25519: PyJWT would raise TypeError (not a PyJWTError) for another alg.
+            raise AuthenticationError("token algorithm does not match ztai's keys", code="bad_algorithm")
         kid = header.get("kid")
         if not isinstance(kid, str):
             raise AuthenticationError("token has no key id", code="unknown_key")
@@ -158,6 +163,8 @@ class TokenVerifier:
         workload = parse_spiffe_id(str(claims["sub"]))
         if claims.get("kind") != workload.kind:
             raise AuthenticationError("token kind does not match its subject", code="invalid_subject")
+        if not all(isinstance(claims[c], int) for c in ("exp", "iat", "nbf")):
+            raise AuthenticationError("token time claims must be integers", code="malformed_token")
         if claims["exp"] - claims["iat"] > self._max_lifetime:
             raise AuthenticationError("token lifetime exceeds the maximum", code="invalid_token")
         return _principal(workload.uri, workload.kind, workload.name, workload.trust_domain, claims)
