@@ -109,6 +109,9 @@ class AuditSettings(_Section):
     checkpoint_interval_seconds: float = Field(2.0, gt=0)
     batch_max_events: int = Field(512, ge=1, le=10_000)
     ocsf_file: str = ""  # optional OCSF JSON-lines export for SIEMs
+    # False: the audit commit runs while the upstream call is in flight, and no byte of the response is
+    # sent before it is durable (a failed commit still refuses the request). True: commit, then forward.
+    commit_before_forward: bool = False
 
 
 class UpstreamSettings(_Section):

@@ -5,16 +5,25 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from ztai.audit.events import identity_event
-from ztai.errors import MalformedRequest, UpstreamError
+from ztai.errors import MalformedRequest, UpstreamError, ZtaiError
 from ztai.gateway import metrics
-from ztai.gateway.pipeline import Call, admit, authenticate, authorize, parse_json_object
+from ztai.gateway.pipeline import (
+    Call,
+    admit,
+    authenticate,
+    decide_call,
+    enforce,
+    parse_json_object,
+    start_recording,
+)
 from ztai.gateway.responses import JSONResponse
 from ztai.gateway.runtime import Runtime
-from ztai.gateway.upstream import passed_headers, relay
+from ztai.gateway.upstream import Upstream, passed_headers, relay
 from ztai.policy import default_context, principal_request, token_context
 
 MAX_MODEL_NAME = 256
@@ -35,36 +44,51 @@ async def _model_call(request: Request, *, action: str, path: str, required: str
     model = _model_name(payload)
     if required not in payload:
         raise MalformedRequest(f"missing required field {required!r}")
-    call = Call(
-        route=path,
-        action=action,
-        resource_type="Model",
-        resource_id=model,
-        body=body,
-        payload=payload,
-        principal=principal,
-    )
     upstream = runtime.upstreams.for_model(model)  # unknown model: 404 before any decision is needed
-    await authorize(runtime, request, call)
-    headers = {"x-ztai-decision-id": call.decision_id}
+    call = Call(path, action, "Model", model, body=body, payload=payload, principal=principal)
+    decision = decide_call(runtime, request, call)
+    recording = start_recording(runtime, call)
+    if not decision.allowed or runtime.settings.audit.commit_before_forward:
+        await recording
+        enforce(call)
+    # Nothing is answered before the decision is durable. If the commit fails, its AuditUnavailable (503)
+    # replaces whatever the upstream said: fail closed.
+    try:
+        response = await _forward(runtime, upstream, path, body, stream=payload.get("stream") is True)
+    except ZtaiError:
+        await recording
+        raise
+    try:
+        await recording
+    except ZtaiError:
+        if response.background is not None:  # an opened upstream stream: give its connection back
+            await response.background()
+        raise
+    response.headers["x-ztai-decision-id"] = call.decision_id
+    return response
 
+
+async def _forward(runtime: Runtime, upstream: Upstream, path: str, body: bytes, *, stream: bool) -> Response:
     stage = time.perf_counter()
     try:
-        if payload.get("stream") is True:
-            response = await runtime.upstreams.open_stream(upstream, path, body)
+        if stream:
+            streamed = await runtime.upstreams.open_stream(upstream, path, body)
             metrics.STAGE["upstream"].observe(time.perf_counter() - stage)
             return StreamingResponse(
-                relay(response),
-                status_code=response.status_code,
-                headers={**passed_headers(response), **headers},
+                relay(streamed),
+                status_code=streamed.status,
+                headers=passed_headers(streamed),
+                background=BackgroundTask(streamed.release),
             )
         result = await runtime.upstreams.post(upstream, path, body)
     except UpstreamError:
         metrics.UPSTREAM_ERRORS.labels(upstream.name).inc()
         raise
     metrics.STAGE["upstream"].observe(time.perf_counter() - stage)
-    status = result.status if result.status < 500 else 502
-    return Response(result.body, status_code=status, headers={**result.headers, **headers})
+    # Provider-side failures are reported as a bad gateway; client errors (4xx) pass through as they are.
+    return Response(
+        result.body, status_code=result.status if result.status < 500 else 502, headers=result.headers
+    )
 
 
 def _model_name(payload: dict[str, Any]) -> str:

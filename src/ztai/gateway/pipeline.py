@@ -1,7 +1,7 @@
 """The request path, one explicit sequence of stages:
 
     admit (read bounded body, authenticate) -> [route parses its payload]
-    -> authorize (collect context, decide, audit durably) -> [route forwards and responds]
+    -> decide (collect context, Cedar) -> record (audit, durable) -> enforce -> [route forwards, responds]
 
 Each stage is a plain function with one job. What a stage learns goes into the `Call`, so the policy sees
 all of it and the audit record explains it. Failures raise typed errors (401/403/413/422/503) that the
@@ -10,6 +10,7 @@ app maps to responses in one place.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -183,24 +184,42 @@ async def admit(runtime: Runtime, request: Request) -> tuple[bytes, Principal]:
     return body, principal
 
 
-async def authorize(runtime: Runtime, request: Request, call: Call) -> Call:
-    """Collect context, decide and audit `call` (its principal is authenticated). Returns it when allowed."""
+def decide_call(runtime: Runtime, request: Request, call: Call) -> Decision:
+    """Collect context and decide `call` (its principal is authenticated). No I/O."""
     stage = time.perf_counter()
     call.context = collect_context(call, request)
     call.decision = decide(runtime, call)
     call.decision_id = new_event_id("dec")
-    now = time.perf_counter()
-    metrics.STAGE["decide"].observe(now - stage)
+    metrics.STAGE["decide"].observe(time.perf_counter() - stage)
     metrics.DECISIONS.labels(call.action, call.decision.effect).inc()
+    return call.decision
 
-    stage = now
+
+def start_recording(runtime: Runtime, call: Call) -> asyncio.Task[None]:
+    """Start making the decision durable; the caller must `await durable(task)` before responding."""
+    return asyncio.ensure_future(_timed_record(runtime, call))
+
+
+async def _timed_record(runtime: Runtime, call: Call) -> None:
+    stage = time.perf_counter()
     await record(runtime, call)
     metrics.STAGE["audit"].observe(time.perf_counter() - stage)
 
+
+def enforce(call: Call) -> None:
+    """Raise 403 (or step-up) unless the decision allows the call."""
+    assert call.decision is not None
     if call.decision.effect == "step_up":
         raise StepUpRequired("step-up authentication required for this request", decision_id=call.decision_id)
     if not call.decision.allowed:
         raise PermissionDenied(
             f"{call.action} on {call.resource_id} denied by policy", decision_id=call.decision_id
         )
+
+
+async def authorize(runtime: Runtime, request: Request, call: Call) -> Call:
+    """Decide, make the decision durable, then enforce it: the strict sequence for routes that act."""
+    decide_call(runtime, request, call)
+    await start_recording(runtime, call)
+    enforce(call)
     return call

@@ -1,4 +1,4 @@
-"""Forwarding to upstream model providers over one pooled async HTTP client.
+"""Forwarding to upstream model providers over one pooled async HTTP client (aiohttp).
 
 Upstream API keys are read from the environment variable named in config and only ever put on the
 outgoing request; they never reach clients, logs or audit events.
@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 
 from ztai.config import UpstreamSettings
 from ztai.errors import ConfigError, NotFound, UpstreamError, UpstreamTimeout
 
 # Response headers worth passing back; hop-by-hop and provider-internal headers are dropped.
 _PASS_HEADERS = ("content-type", "openai-processing-ms", "x-request-id")
+_CONNECT_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -24,8 +25,9 @@ class Upstream:
     name: str
     base_url: str
     models: tuple[str, ...]
-    api_key: str
-    timeout: float
+    timeout: aiohttp.ClientTimeout
+    # Built once: the outgoing headers, with the provider key when one is configured.
+    headers: dict[str, str] = field(repr=False)
 
 
 @dataclass
@@ -36,34 +38,29 @@ class UpstreamResponse:
 
 
 class Upstreams:
-    """The configured upstreams and the model -> upstream routing table."""
+    """The configured upstreams, the model -> upstream routing table and the shared client."""
 
     def __init__(self, settings: dict[str, UpstreamSettings]) -> None:
         self.by_name: dict[str, Upstream] = {}
         self.by_model: dict[str, Upstream] = {}
         for name, upstream in settings.items():
-            api_key = ""
+            headers = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
             if upstream.api_key_env:
                 api_key = os.environ.get(upstream.api_key_env, "")
                 if not api_key:
                     raise ConfigError(f"upstreams.{name}.api_key_env: ${upstream.api_key_env} is not set")
-            entry = Upstream(
-                name, upstream.base_url, tuple(upstream.models), api_key, upstream.timeout_seconds
-            )
+                headers["authorization"] = f"Bearer {api_key}"
+            timeout = aiohttp.ClientTimeout(total=upstream.timeout_seconds, connect=_CONNECT_TIMEOUT)
+            entry = Upstream(name, upstream.base_url, tuple(upstream.models), timeout, headers)
             self.by_name[name] = entry
             for model in upstream.models:
                 if model in self.by_model:
+                    served_by = self.by_model[model].name
                     raise ConfigError(
-                        f"upstreams.{name}.models: model {model!r} is already served by "
-                        f"{self.by_model[model].name}"
+                        f"upstreams.{name}.models: model {model!r} is already served by {served_by}"
                     )
                 self.by_model[model] = entry
-        self._client = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=30),
-            timeout=httpx.Timeout(60.0, connect=5.0),
-            follow_redirects=False,
-            trust_env=False,
-        )
+        self._session: aiohttp.ClientSession | None = None
 
     def for_model(self, model: str) -> Upstream:
         upstream = self.by_model.get(model)
@@ -71,51 +68,63 @@ class Upstreams:
             raise NotFound(f"model {model!r} is not served here", code="model_not_found")
         return upstream
 
-    def _request(self, upstream: Upstream, path: str, body: bytes) -> httpx.Request:
-        headers = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
-        if upstream.api_key:
-            headers["authorization"] = f"Bearer {upstream.api_key}"
-        return self._client.build_request(
-            "POST",
-            f"{upstream.base_url}{path}",
-            content=body,
-            headers=headers,
-            timeout=httpx.Timeout(upstream.timeout, connect=5.0),
-        )
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        # Created lazily, inside the running event loop (aiohttp binds a session to its loop).
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=512, keepalive_timeout=30, ttl_dns_cache=300)
+            self._session = aiohttp.ClientSession(
+                connector=connector, trust_env=False, auto_decompress=False, skip_auto_headers=("User-Agent",)
+            )
+        return self._session
 
     async def post(self, upstream: Upstream, path: str, body: bytes) -> UpstreamResponse:
         try:
-            response = await self._client.send(self._request(upstream, path, body))
-        except httpx.TimeoutException:
+            async with self.session.post(
+                upstream.base_url + path,
+                data=body,
+                headers=upstream.headers,
+                timeout=upstream.timeout,
+                allow_redirects=False,
+            ) as response:
+                content = await response.read()
+                return UpstreamResponse(response.status, passed_headers(response), content)
+        except TimeoutError:
             raise UpstreamTimeout(f"upstream {upstream.name} timed out") from None
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream {upstream.name} failed: {type(exc).__name__}") from None
-        return UpstreamResponse(response.status_code, passed_headers(response), response.content)
 
-    async def open_stream(self, upstream: Upstream, path: str, body: bytes) -> httpx.Response:
-        """Send the request and return the response with its body still unread (the caller streams it)."""
+    async def open_stream(self, upstream: Upstream, path: str, body: bytes) -> aiohttp.ClientResponse:
+        """Send the request and return the response with its body unread (the caller relays it)."""
         try:
-            return await self._client.send(self._request(upstream, path, body), stream=True)
-        except httpx.TimeoutException:
+            return await self.session.post(
+                upstream.base_url + path,
+                data=body,
+                headers=upstream.headers,
+                timeout=upstream.timeout,
+                allow_redirects=False,
+            )
+        except TimeoutError:
             raise UpstreamTimeout(f"upstream {upstream.name} timed out") from None
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             raise UpstreamError(f"upstream {upstream.name} failed: {type(exc).__name__}") from None
 
     async def close(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
 
-async def relay(response: httpx.Response) -> AsyncIterator[bytes]:
-    """Pass an upstream stream through chunk by chunk, without buffering it."""
+async def relay(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """Pass an upstream stream through chunk by chunk as it arrives, without buffering it."""
     try:
-        async for chunk in response.aiter_raw():
+        async for chunk in response.content.iter_any():
             yield chunk
-    except httpx.HTTPError:
+    except (TimeoutError, aiohttp.ClientError):
         # Headers are already sent: end the stream with an SSE error event the SDK can surface.
         yield b'data: {"error": {"message": "upstream stream failed", "type": "upstream_error"}}\n\n'
     finally:
-        await response.aclose()
+        response.release()
 
 
-def passed_headers(response: httpx.Response) -> dict[str, str]:
+def passed_headers(response: aiohttp.ClientResponse) -> dict[str, str]:
     return {name: response.headers[name] for name in _PASS_HEADERS if name in response.headers}
