@@ -38,6 +38,7 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -142,6 +143,18 @@ class Children:
         child = Child(name, process, log_path)
         self.children.append(child)
         return child
+
+    def stop(self, child: Child) -> None:
+        """Stop one child (its whole process group) and forget it."""
+        _signal_group(child.process, signal.SIGTERM)
+        try:
+            child.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            log(f"{child.name} did not stop in time: killing it")
+        _signal_group(child.process, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.process.wait(timeout=5)
+        self.children.remove(child)
 
     def stop_all(self) -> None:
         # A second Ctrl-C must not cut the clean-up short.
@@ -316,6 +329,7 @@ class WrkResult:
     max_ms: float
     non_2xx: int
     socket_errors: dict[str, int]
+    round: int = 0
 
 
 def write_lua(directory: Path, target: Target) -> Path:
@@ -482,7 +496,8 @@ class Summary:
     command: str
     machine: dict[str, Any]
     settings: dict[str, Any]
-    results: list[WrkResult] = field(default_factory=list)
+    results: list[WrkResult] = field(default_factory=list)  # per target and level: the median round
+    rounds: list[WrkResult] = field(default_factory=list)  # every measured run
     ratios: dict[str, dict[str, float | None]] = field(default_factory=dict)
     checks: list[Check] = field(default_factory=list)
     ztai_stages_ms: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
@@ -626,6 +641,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--duration", type=float, default=10, help="seconds per measured run (default 10)")
     parser.add_argument("--warmup", type=float, default=3, help="seconds of warm-up per target (default 3)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="measure every target this many times, interleaved (default 3)"
+    )
     parser.add_argument("--workers", type=int, default=1, help="ztai worker processes (default 1)")
     parser.add_argument("--skip-litellm", action="store_true", help="do not install or measure LiteLLM")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/gateway-*.json")
@@ -699,92 +717,147 @@ def benchmark(args: argparse.Namespace, home: Path, children: Children) -> Summa
     mock = children.start("mock-upstream", [*ztai, "mock-upstream", "--port", str(mock_port)])
     wait_ready(mock, mock_port, "/v1/models", timeout=30)
     upstream_url = f"http://127.0.0.1:{mock_port}/v1"
-    targets: list[Target] = []
-    if "direct" in selected:
-        targets.append(Target("direct", mock_port, "sk-mock", "mock upstream, no gateway"))
 
-    ztai_port = 0
-    if "ztai" in selected:
-        ztai_port = free_port()
-        server = children.start(
-            "ztai",
-            [
-                *ztai,
-                "serve",
-                "--config",
-                str(config),
-                "--port",
-                str(ztai_port),
-                "--workers",
-                str(args.workers),
-                "--upstream",
-                f"{MODEL}={upstream_url}",
-            ],
-        )
-        wait_ready(server, ztai_port, "/readyz", timeout=60)
-        targets.append(Target("ztai", ztai_port, token, f"ztai serve, {args.workers} worker(s)"))
-
-    if "litellm" in selected:
-        executable = ensure_litellm()
-        summary.machine["litellm"] = litellm_version()
-        master_key = "sk-" + secrets.token_urlsafe(32)
-        litellm_config = home / "litellm.yaml"
-        litellm_config.write_text(
-            LITELLM_CONFIG_TEMPLATE.format(api_base=upstream_url, master_key=master_key)
-        )
-        litellm_port = free_port()
-        env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
-        env.pop("VIRTUAL_ENV", None)
-        proxy = children.start(
-            "litellm",
-            [
-                str(executable),
-                "--config",
-                str(litellm_config),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(litellm_port),
-                "--num_workers",
-                "1",
-            ],
-            env=env,
-        )
-        wait_ready(proxy, litellm_port, "/health/readiness", timeout=180)
-        targets.append(Target("litellm", litellm_port, master_key, "LiteLLM proxy, 1 worker"))
-
-    for target in targets:
-        smoke_test(target.name, target.port, target.token)
-
-    for target in targets:
-        script = write_lua(home, target)
-        if args.warmup > 0:
-            log(f"{target.name}: warm-up {args.warmup:g}s at c32")
-            warm = run_wrk(
-                wrk, target, script, level="warmup", threads=2, connections=32, seconds=args.warmup
-            )
-            _check_errors(warm)
-        for level, threads, connections in LEVELS:
-            before = settled_stages(ztai_port) if target.name == "ztai" else {}
-            log(f"{target.name}: {args.duration:g}s at -t{threads} -c{connections}")
-            result = run_wrk(
-                wrk,
-                target,
-                script,
-                level=level,
-                threads=threads,
-                connections=connections,
-                seconds=args.duration,
-            )
-            _check_errors(result)
-            summary.results.append(result)
-            if target.name == "ztai":
-                summary.ztai_stages_ms[level] = stage_delta(before, settled_stages(ztai_port))
-            log(f"  {result.rps:,.1f} req/s, p50 {result.p50_ms:.3f} ms, p99 {result.p99_ms:.3f} ms")
+    # Each gateway runs alone while it is measured: an idle gateway in the background still takes CPU
+    # (timers, background tasks) from the one under load on this small machine. Rounds interleave the
+    # targets, so a slow spell of the (shared, noisy) machine hits all of them alike; the medians count.
+    for round_number in range(1, args.rounds + 1):
+        for name in ("direct", "ztai", "litellm"):
+            if name not in selected:
+                continue
+            log(f"round {round_number}/{args.rounds}: {name}")
+            if name == "direct":
+                target, child = Target("direct", mock_port, "sk-mock", "mock upstream, no gateway"), None
+            elif name == "ztai":
+                target, child = start_ztai(children, ztai, config, token, upstream_url, args.workers)
+            else:
+                target, child = start_litellm(children, home, upstream_url, summary)
+            try:
+                smoke_test(target.name, target.port, target.token)
+                measure(summary, wrk, home, target, args, round_number)
+            finally:
+                if child is not None:
+                    children.stop(child)
+    summary.results = medians(summary.rounds)
 
     compute_ratios(summary)
     evaluate(summary)
     return summary
+
+
+def start_ztai(
+    children: Children, ztai: list[str], config: Path, token: str, upstream_url: str, workers: int
+) -> tuple[Target, Child]:
+    port = free_port()
+    server = children.start(
+        "ztai",
+        [
+            *ztai,
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--upstream",
+            f"{MODEL}={upstream_url}",
+        ],
+    )
+    wait_ready(server, port, "/readyz", timeout=60)
+    return Target("ztai", port, token, f"ztai serve, {workers} worker(s)"), server
+
+
+def start_litellm(
+    children: Children, home: Path, upstream_url: str, summary: Summary
+) -> tuple[Target, Child]:
+    executable = ensure_litellm()
+    summary.machine["litellm"] = litellm_version()
+    master_key = "sk-" + secrets.token_urlsafe(32)
+    litellm_config = home / "litellm.yaml"
+    litellm_config.write_text(LITELLM_CONFIG_TEMPLATE.format(api_base=upstream_url, master_key=master_key))
+    port = free_port()
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
+    env.pop("VIRTUAL_ENV", None)
+    proxy = children.start(
+        "litellm",
+        [
+            str(executable),
+            "--config",
+            str(litellm_config),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--num_workers",
+            "1",
+        ],
+        env=env,
+    )
+    wait_ready(proxy, port, "/health/readiness", timeout=180)
+    return Target("litellm", port, master_key, "LiteLLM proxy, 1 worker"), proxy
+
+
+def measure(
+    summary: Summary, wrk: str, home: Path, target: Target, args: argparse.Namespace, round_number: int
+) -> None:
+    """Warm up at each concurrency level, then measure it."""
+    script = write_lua(home, target)
+    for level, threads, connections in LEVELS:
+        if args.warmup > 0:
+            log(f"{target.name}: warm-up {args.warmup:g}s at -t{threads} -c{connections}")
+            warm = run_wrk(
+                wrk,
+                target,
+                script,
+                level="warmup",
+                threads=threads,
+                connections=connections,
+                seconds=args.warmup,
+            )
+            _check_errors(warm)
+        before = settled_stages(target.port) if target.name == "ztai" else {}
+        log(f"{target.name}: {args.duration:g}s at -t{threads} -c{connections}")
+        result = run_wrk(
+            wrk, target, script, level=level, threads=threads, connections=connections, seconds=args.duration
+        )
+        _check_errors(result)
+        result.round = round_number
+        summary.rounds.append(result)
+        if target.name == "ztai":  # the stage breakdown of the last round
+            summary.ztai_stages_ms[level] = stage_delta(before, settled_stages(target.port))
+        log(f"  {result.rps:,.1f} req/s, p50 {result.p50_ms:.3f} ms, p99 {result.p99_ms:.3f} ms")
+
+
+def medians(rounds: list[WrkResult]) -> list[WrkResult]:
+    """One result per (target, level): the median of every figure over the rounds."""
+    grouped: dict[tuple[str, str], list[WrkResult]] = {}
+    for result in rounds:
+        grouped.setdefault((result.target, result.level), []).append(result)
+    combined = []
+    for runs in grouped.values():
+        first = runs[0]
+        figures = {
+            name: statistics.median(getattr(run, name) for run in runs)
+            for name in ("rps", "p50_ms", "p75_ms", "p90_ms", "p99_ms", "p99_9_ms", "mean_ms", "max_ms")
+        }
+        combined.append(
+            WrkResult(
+                target=first.target,
+                level=first.level,
+                threads=first.threads,
+                connections=first.connections,
+                duration_s=sum(run.duration_s for run in runs),
+                requests=sum(run.requests for run in runs),
+                non_2xx=sum(run.non_2xx for run in runs),
+                socket_errors={
+                    k: sum(run.socket_errors.get(k, 0) for run in runs) for k in first.socket_errors
+                },
+                round=0,
+                **figures,
+            )
+        )
+    return combined
 
 
 def _check_errors(result: WrkResult) -> None:
