@@ -5,11 +5,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import cedarpy
 import pytest
 
 from ztai.errors import PolicyError
 from ztai.policy import PolicyEngine, merge_context, model_entities, principal_request
-from ztai.policy.engine import DEFAULTS_DIR
+from ztai.policy.engine import DEFAULTS_DIR, _explain
 from ztai.policy.testing import run_file
 
 ALICE = "spiffe://example.org/user/alice"
@@ -139,3 +140,39 @@ def test_policy_test_runner_reports_failures(engine: PolicyEngine, tmp_path: Pat
     cases.write_text("cases: [{principal: x}]\n")
     with pytest.raises(PolicyError):
         run_file(engine, cases)
+
+
+def test_context_is_projected_onto_the_attributes_policies_read(
+    engine: PolicyEngine, policy_dir: Path
+) -> None:
+    assert engine.bundle.context_keys == frozenset({"token", "risk_score"})
+    (policy_dir / "net.cedar").write_text(
+        '@id("office-only")\nforbid (principal, action, resource) unless { context has network && '
+        'context.network.ip like "10.*" };\n'
+    )
+    engine.reload()
+    assert engine.bundle.context_keys == frozenset({"token", "risk_score", "network"})
+    (policy_dir / "whole.cedar").write_text(
+        '@id("whole")\nforbid (principal, action, resource) when { context == context && false };\n'
+    )
+    engine.reload()
+    assert engine.bundle.context_keys is None  # `context` used as a whole: nothing is left out
+
+
+@pytest.mark.parametrize("ip", ["10.1.2.3", "192.168.0.1"])
+@pytest.mark.parametrize("risk", [0, 85])
+def test_projection_never_changes_a_decision(
+    engine: PolicyEngine, policy_dir: Path, ip: str, risk: int
+) -> None:
+    (policy_dir / "net.cedar").write_text(
+        '@id("office-only")\nforbid (principal, action, resource) unless { context.network.ip like "10.*" };\n'
+    )
+    engine.reload()
+    context = merge_context({"token": {"models": ["mock"]}, "risk_score": risk, "network": {"ip": ip}})
+    request = principal_request(ALICE, "user", "chat", "Model", "mock", context)
+    projected = engine.decide(request)
+    full = _explain(
+        cedarpy.is_authorized(request.to_cedar(None), engine.bundle.policies, engine.bundle.entities),
+        engine.bundle,
+    )
+    assert (projected.effect, sorted(projected.reasons)) == (full.effect, sorted(full.reasons))

@@ -53,13 +53,17 @@ class Request:
     resource_id: str
     context: dict[str, Any]
 
-    def to_cedar(self) -> dict[str, Any]:
+    def to_cedar(self, context_keys: frozenset[str] | None = None) -> dict[str, Any]:
+        """The request in cedarpy's form; `context_keys` limits the context to what policies read."""
+        context = self.context
+        if context_keys is not None:
+            context = {key: value for key, value in context.items() if key in context_keys}
         return {
             "principal": {"type": self.principal_type, "id": self.principal_id},
             "action": {"type": "Action", "id": self.action},
             "resource": {"type": self.resource_type, "id": self.resource_id},
             # Serialised here with orjson: cheaper than letting cedarpy use the stdlib json module.
-            "context": orjson.dumps(self.context).decode(),
+            "context": orjson.dumps(context).decode(),
         }
 
 
@@ -73,6 +77,9 @@ class PolicyBundle:
     annotations: dict[str, dict[str, str]]
     revision: str
     files: list[str]
+    # The top-level context attributes any policy reads (None: some policy uses `context` as a whole).
+    # Cedar's cost grows with the context it parses, and its result can depend only on these.
+    context_keys: frozenset[str] | None = None
 
 
 def load_bundle(policy_dir: Path, extra_entities: list[dict[str, Any]] | None = None) -> PolicyBundle:
@@ -84,6 +91,7 @@ def load_bundle(policy_dir: Path, extra_entities: list[dict[str, Any]] | None = 
     texts: list[str] = []
     names: dict[str, str] = {}
     annotations: dict[str, dict[str, str]] = {}
+    context_keys: set[str] | None = set()
     digest = hashlib.sha256(schema_text.encode())
     for path in files:
         text = path.read_text()
@@ -97,6 +105,8 @@ def load_bundle(policy_dir: Path, extra_entities: list[dict[str, Any]] | None = 
             notes = dict(policy.get("annotations") or {})
             names[generated] = notes.get("id") or f"{path.stem}:{index}"
             annotations[generated] = notes
+            read = _context_attributes(policy)
+            context_keys = None if read is None or context_keys is None else context_keys | read
         texts.append(text)
     combined = "\n".join(texts)
     validation = cedarpy.validate_policies(combined, schema_text)
@@ -112,8 +122,40 @@ def load_bundle(policy_dir: Path, extra_entities: list[dict[str, Any]] | None = 
     except ValueError as exc:
         raise PolicyError(str(exc)) from None
     return PolicyBundle(
-        policies, entities, names, annotations, digest.hexdigest()[:16], [p.name for p in files]
+        policies,
+        entities,
+        names,
+        annotations,
+        digest.hexdigest()[:16],
+        [p.name for p in files],
+        frozenset(context_keys) if context_keys is not None else None,
     )
+
+
+def _context_attributes(node: Any) -> set[str] | None:
+    """Top-level context attributes a policy (Cedar JSON form) reads with `.attr` or `has attr`.
+
+    None when it uses `context` in any other way (compares or passes the whole record).
+    """
+    found: set[str] = set()
+
+    def walk(item: Any) -> bool:
+        if isinstance(item, dict):
+            for operator in (".", "has"):
+                access = item.get(operator)
+                if isinstance(access, dict) and access.get("left") == {"Var": "context"}:
+                    if not isinstance(access.get("attr"), str):
+                        return False
+                    found.add(access["attr"])
+                    return True
+            if item.get("Var") == "context":
+                return False
+            return all(walk(value) for value in item.values())
+        if isinstance(item, list):
+            return all(walk(value) for value in item)
+        return True
+
+    return found if walk(node) else None
 
 
 class PolicyEngine:
@@ -138,13 +180,15 @@ class PolicyEngine:
 
     def decide(self, request: Request) -> Decision:
         bundle = self.bundle
-        result = cedarpy.is_authorized(request.to_cedar(), bundle.policies, bundle.entities)
+        result = cedarpy.is_authorized(
+            request.to_cedar(bundle.context_keys), bundle.policies, bundle.entities
+        )
         return _explain(result, bundle)
 
     def decide_many(self, requests: list[Request]) -> list[Decision]:
         bundle = self.bundle
         results = cedarpy.is_authorized_batch(
-            [r.to_cedar() for r in requests], bundle.policies, bundle.entities
+            [r.to_cedar(bundle.context_keys) for r in requests], bundle.policies, bundle.entities
         )
         return [_explain(result, bundle) for result in results]
 
