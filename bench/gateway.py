@@ -66,6 +66,8 @@ MIN_THROUGHPUT_RATIO = 10.0
 MAX_ADDED_P50_MS = 1.5
 MAX_ADDED_P99_MS = 5.0
 
+TARGETS = ("direct", "ztai", "ztai-normal", "litellm")
+
 # (label, wrk threads, wrk connections)
 LEVELS: tuple[tuple[str, int, int], ...] = (("c1", 1, 1), ("c32", 2, 32))
 
@@ -511,19 +513,19 @@ def find(results: list[WrkResult], target: str, level: str) -> WrkResult | None:
 def compute_ratios(summary: Summary) -> None:
     for level, _, _ in LEVELS:
         direct = find(summary.results, "direct", level)
-        ztai = find(summary.results, "ztai", level)
         litellm = find(summary.results, "litellm", level)
         entry: dict[str, float | None] = {}
-        if ztai and litellm and litellm.rps > 0:
-            entry["ztai_over_litellm_rps"] = round(ztai.rps / litellm.rps, 2)
-        for gateway in (ztai, litellm):
+        for name in ("ztai", "ztai-normal"):
+            gateway = find(summary.results, name, level)
+            if gateway and litellm and litellm.rps > 0:
+                entry[f"{name}_over_litellm_rps"] = round(gateway.rps / litellm.rps, 2)
+        for name in ("ztai", "ztai-normal", "litellm"):
+            gateway = find(summary.results, name, level)
             if gateway is None or direct is None:
                 continue
-            entry[f"{gateway.target}_added_p50_ms"] = round(gateway.p50_ms - direct.p50_ms, 3)
-            entry[f"{gateway.target}_added_p99_ms"] = round(gateway.p99_ms - direct.p99_ms, 3)
-            entry[f"{gateway.target}_over_direct_rps"] = (
-                round(gateway.rps / direct.rps, 3) if direct.rps else None
-            )
+            entry[f"{name}_added_p50_ms"] = round(gateway.p50_ms - direct.p50_ms, 3)
+            entry[f"{name}_added_p99_ms"] = round(gateway.p99_ms - direct.p99_ms, 3)
+            entry[f"{name}_over_direct_rps"] = round(gateway.rps / direct.rps, 3) if direct.rps else None
         summary.ratios[level] = entry
 
 
@@ -650,9 +652,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, help="write the JSON summary here instead")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp directory (logs, config)")
     parser.add_argument("--fail-on-miss", action="store_true", help="exit 2 when a target is missed")
-    parser.add_argument(
-        "--only", choices=("direct", "ztai", "litellm"), action="append", help="measure only these targets"
-    )
+    parser.add_argument("--only", choices=TARGETS, action="append", help="measure only these targets")
     return parser.parse_args(argv)
 
 
@@ -671,7 +671,7 @@ def temp_home(keep: bool) -> Iterator[Path]:
 def benchmark(args: argparse.Namespace, home: Path, children: Children) -> Summary:
     wrk = ensure_wrk()
     ztai = ztai_command()
-    selected = set(args.only or ("direct", "ztai", "litellm"))
+    selected = set(args.only or TARGETS)
     if args.skip_litellm:
         selected.discard("litellm")
     summary = Summary(
@@ -722,14 +722,14 @@ def benchmark(args: argparse.Namespace, home: Path, children: Children) -> Summa
     # (timers, background tasks) from the one under load on this small machine. Rounds interleave the
     # targets, so a slow spell of the (shared, noisy) machine hits all of them alike; the medians count.
     for round_number in range(1, args.rounds + 1):
-        for name in ("direct", "ztai", "litellm"):
+        for name in TARGETS:
             if name not in selected:
                 continue
             log(f"round {round_number}/{args.rounds}: {name}")
             if name == "direct":
                 target, child = Target("direct", mock_port, "sk-mock", "mock upstream, no gateway"), None
-            elif name == "ztai":
-                target, child = start_ztai(children, ztai, config, token, upstream_url, args.workers)
+            elif name in ("ztai", "ztai-normal"):
+                target, child = start_ztai(children, ztai, config, token, upstream_url, args.workers, name)
             else:
                 target, child = start_litellm(children, home, upstream_url, summary)
             try:
@@ -746,11 +746,16 @@ def benchmark(args: argparse.Namespace, home: Path, children: Children) -> Summa
 
 
 def start_ztai(
-    children: Children, ztai: list[str], config: Path, token: str, upstream_url: str, workers: int
+    children: Children, ztai: list[str], config: Path, token: str, upstream_url: str, workers: int, name: str
 ) -> tuple[Target, Child]:
+    """`ztai` runs the default config; `ztai-normal` the same with SQLite synchronous=NORMAL (commits
+    survive a crash of ztai but not a power loss: no fsync per group commit)."""
     port = free_port()
+    env = {**os.environ}
+    if name == "ztai-normal":
+        env["ZTAI_STORE__SQLITE_SYNCHRONOUS"] = "NORMAL"
     server = children.start(
-        "ztai",
+        name,
         [
             *ztai,
             "serve",
@@ -763,9 +768,10 @@ def start_ztai(
             "--upstream",
             f"{MODEL}={upstream_url}",
         ],
+        env=env,
     )
     wait_ready(server, port, "/readyz", timeout=60)
-    return Target("ztai", port, token, f"ztai serve, {workers} worker(s)"), server
+    return Target(name, port, token, f"ztai serve, {workers} worker(s)"), server
 
 
 def start_litellm(

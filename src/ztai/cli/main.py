@@ -54,7 +54,7 @@ identity:
   max_ttl_seconds: 3600
   leeway_seconds: 5
   # external_issuers:      # accept tokens of an OIDC provider
-  #   - issuer: https://login.example.org
+  #   - issuer: https://login.example.org   # subjects become spiffe://<td>/user/login.example.org/<sub>
   #     audience: ztai
   #     jwks_url: https://login.example.org/.well-known/jwks.json
   # spiffe_bundles:        # accept JWT-SVIDs of a SPIFFE trust domain
@@ -67,6 +67,7 @@ policy:
 audit:
   checkpoint_interval_seconds: 2
   ocsf_file: ""            # e.g. .ztai/audit.ocsf.jsonl for a SIEM
+  commit_before_forward: false  # true: commit the audit event before the upstream sees the request
 
 upstreams:
   mock:                    # the built-in mock (`ztai mock-upstream --port 9100`)
