@@ -67,6 +67,7 @@ MAX_ADDED_P50_MS = 1.5
 MAX_ADDED_P99_MS = 5.0
 
 TARGETS = ("direct", "ztai", "ztai-normal", "litellm")
+DEFAULT_TARGETS = ("direct", "ztai", "litellm")  # ztai-normal on request: --only ... --only ztai-normal
 
 # (label, wrk threads, wrk connections)
 LEVELS: tuple[tuple[str, int, int], ...] = (("c1", 1, 1), ("c32", 2, 32))
@@ -671,7 +672,7 @@ def temp_home(keep: bool) -> Iterator[Path]:
 def benchmark(args: argparse.Namespace, home: Path, children: Children) -> Summary:
     wrk = ensure_wrk()
     ztai = ztai_command()
-    selected = set(args.only or TARGETS)
+    selected = set(args.only or DEFAULT_TARGETS)
     if args.skip_litellm:
         selected.discard("litellm")
     summary = Summary(
