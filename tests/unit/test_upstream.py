@@ -52,7 +52,9 @@ async def test_provider_key_from_the_environment_is_sent_upstream_only(
     provider: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TEST_PROVIDER_KEY", "sk-provider-secret")
-    upstreams = Upstreams({"p": UpstreamSettings(base_url=provider, api_key_env="TEST_PROVIDER_KEY", models=["m"])})
+    upstreams = Upstreams(
+        {"p": UpstreamSettings(base_url=provider, api_key_env="TEST_PROVIDER_KEY", models=["m"])}
+    )
     try:
         result = await upstreams.post(upstreams.for_model("m"), "/chat/completions", b'{"model":"m"}')
     finally:
