@@ -84,7 +84,7 @@ def revoke(
 ) -> None:
     """Revoke a token everywhere (every replica refuses it within a second or so).
 
-    Example: ztai token revoke 3qI0dUcT1fJr2h4bm7w0A6kO --reason "laptop lost"
+    Example: ztai token revoke 4f1c2e9a0b7d4c3e8f6a5b2c1d0e9f8a --reason "laptop lost"
     """
     settings = settings_for(config)
     database, _keys, audit_log = open_audit_log(settings)

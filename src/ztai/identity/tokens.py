@@ -90,7 +90,7 @@ def issue_token(
     if RESERVED_CLAIMS & extra.keys():
         raise MalformedRequest(f"claims {sorted(RESERVED_CLAIMS & extra.keys())} are set by ztai")
     issued_at = int(now if now is not None else time.time())
-    jti = secrets.token_urlsafe(18)
+    jti = secrets.token_hex(16)  # hex: never starts with "-", which a CLI would read as an option
     payload = {
         **extra,
         "iss": issuer,
