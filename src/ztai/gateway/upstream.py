@@ -7,8 +7,10 @@ outgoing request; they never reach clients, logs or audit events.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
@@ -79,35 +81,25 @@ class Upstreams:
         return self._session
 
     async def post(self, upstream: Upstream, path: str, body: bytes) -> UpstreamResponse:
-        try:
-            async with self.session.post(
-                upstream.base_url + path,
-                data=body,
-                headers=upstream.headers,
-                timeout=upstream.timeout,
-                allow_redirects=False,
-            ) as response:
+        with _as_upstream_errors(upstream):
+            async with self._send(upstream, path, body) as response:
                 content = await response.read()
                 return UpstreamResponse(response.status, passed_headers(response), content)
-        except TimeoutError:
-            raise UpstreamTimeout(f"upstream {upstream.name} timed out") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(f"upstream {upstream.name} failed: {type(exc).__name__}") from None
 
     async def open_stream(self, upstream: Upstream, path: str, body: bytes) -> aiohttp.ClientResponse:
         """Send the request and return the response with its body unread (the caller relays it)."""
-        try:
-            return await self.session.post(
-                upstream.base_url + path,
-                data=body,
-                headers=upstream.headers,
-                timeout=upstream.timeout,
-                allow_redirects=False,
-            )
-        except TimeoutError:
-            raise UpstreamTimeout(f"upstream {upstream.name} timed out") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(f"upstream {upstream.name} failed: {type(exc).__name__}") from None
+        with _as_upstream_errors(upstream):
+            response: aiohttp.ClientResponse = await self._send(upstream, path, body)
+            return response
+
+    def _send(self, upstream: Upstream, path: str, body: bytes) -> Any:
+        return self.session.post(
+            upstream.base_url + path,
+            data=body,
+            headers=upstream.headers,
+            timeout=upstream.timeout,
+            allow_redirects=False,
+        )
 
     async def close(self) -> None:
         if self._session is not None:
@@ -124,6 +116,17 @@ async def relay(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         yield b'data: {"error": {"message": "upstream stream failed", "type": "upstream_error"}}\n\n'
     finally:
         response.release()
+
+
+@contextmanager
+def _as_upstream_errors(upstream: Upstream) -> Iterator[None]:
+    """Client failures as typed errors: a timeout is 504, anything else 502."""
+    try:
+        yield
+    except TimeoutError:
+        raise UpstreamTimeout(f"upstream {upstream.name} timed out") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"upstream {upstream.name} failed: {type(exc).__name__}") from None
 
 
 def passed_headers(response: aiohttp.ClientResponse) -> dict[str, str]:
