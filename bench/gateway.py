@@ -66,7 +66,7 @@ MIN_THROUGHPUT_RATIO = 10.0
 MAX_ADDED_P50_MS = 1.5
 MAX_ADDED_P99_MS = 5.0
 
-TARGETS = ("direct", "ztai", "ztai-normal", "litellm")
+TARGETS = ("direct", "ztai", "ztai-normal", "ztai-detect", "litellm")
 DEFAULT_TARGETS = ("direct", "ztai", "litellm")  # ztai-normal on request: --only ... --only ztai-normal
 
 # (label, wrk threads, wrk connections)
@@ -516,11 +516,11 @@ def compute_ratios(summary: Summary) -> None:
         direct = find(summary.results, "direct", level)
         litellm = find(summary.results, "litellm", level)
         entry: dict[str, float | None] = {}
-        for name in ("ztai", "ztai-normal"):
+        for name in ("ztai", "ztai-normal", "ztai-detect"):
             gateway = find(summary.results, name, level)
             if gateway and litellm and litellm.rps > 0:
                 entry[f"{name}_over_litellm_rps"] = round(gateway.rps / litellm.rps, 2)
-        for name in ("ztai", "ztai-normal", "litellm"):
+        for name in ("ztai", "ztai-normal", "ztai-detect", "litellm"):
             gateway = find(summary.results, name, level)
             if gateway is None or direct is None:
                 continue
@@ -729,7 +729,7 @@ def benchmark(args: argparse.Namespace, home: Path, children: Children) -> Summa
             log(f"round {round_number}/{args.rounds}: {name}")
             if name == "direct":
                 target, child = Target("direct", mock_port, "sk-mock", "mock upstream, no gateway"), None
-            elif name in ("ztai", "ztai-normal"):
+            elif name.startswith("ztai"):
                 target, child = start_ztai(children, ztai, config, token, upstream_url, args.workers, name)
             else:
                 target, child = start_litellm(children, home, upstream_url, summary)
@@ -749,10 +749,15 @@ def benchmark(args: argparse.Namespace, home: Path, children: Children) -> Summa
 def start_ztai(
     children: Children, ztai: list[str], config: Path, token: str, upstream_url: str, workers: int, name: str
 ) -> tuple[Target, Child]:
-    """`ztai` runs the default config; `ztai-normal` the same with SQLite synchronous=NORMAL (commits
-    survive a crash of ztai but not a power loss: no fsync per group commit)."""
+    """`ztai`: token, policy and audit (detectors off); `ztai-normal`: the same with SQLite
+    synchronous=NORMAL (commits survive a crash of ztai, not a power loss); `ztai-detect`: the default
+    config with the content detectors on (prompt and answer scanned)."""
     port = free_port()
     env = {**os.environ}
+    if name != "ztai-detect":
+        # The gateway path of issue 2 (token, policy, audit); content detectors have their own target.
+        env["ZTAI_DETECT__CHAT__INPUT"] = "[]"
+        env["ZTAI_DETECT__CHAT__OUTPUT"] = "[]"
     if name == "ztai-normal":
         env["ZTAI_STORE__SQLITE_SYNCHRONOUS"] = "NORMAL"
     server = children.start(

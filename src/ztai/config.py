@@ -114,6 +114,30 @@ class AuditSettings(_Section):
     commit_before_forward: bool = False
 
 
+DETECTOR_NAMES = ("injection", "pii", "secrets", "canary")
+
+
+class RouteDetectors(_Section):
+    input: list[str] = ["injection", "pii", "secrets"]
+    output: list[str] = ["pii", "secrets"]
+
+    @field_validator("input", "output")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        unknown = sorted(set(names) - set(DETECTOR_NAMES))
+        if unknown:
+            raise ValueError(f"unknown detectors {unknown}; known: {', '.join(DETECTOR_NAMES)}")
+        return names
+
+
+class DetectSettings(_Section):
+    """Which content detectors run on which route (ztai.detect); policy decides what findings mean."""
+
+    chat: RouteDetectors = RouteDetectors()
+    embeddings: RouteDetectors = RouteDetectors(input=["pii", "secrets"], output=[])
+    stream_holdback_chars: int = Field(64, ge=0, le=4096)
+
+
 class UpstreamSettings(_Section):
     base_url: str
     api_key_env: str = ""  # name of the environment variable holding the key; never the key itself
@@ -145,6 +169,7 @@ class Settings(BaseSettings):
     identity: IdentitySettings = IdentitySettings()
     policy: PolicySettings = PolicySettings()
     audit: AuditSettings = AuditSettings()
+    detect: DetectSettings = DetectSettings()
     upstreams: dict[str, UpstreamSettings] = {}
 
     # Where the settings came from; relative paths resolve against it. Not a setting itself.

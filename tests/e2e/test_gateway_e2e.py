@@ -32,14 +32,33 @@ def test_chat_completion_through_the_sdk(gateway: Gateway) -> None:
 
 
 def test_streaming_chat_completion_through_the_sdk(gateway: Gateway) -> None:
+    words = [
+        "please",
+        "stream",
+        "this",
+        "considerably",
+        "longer",
+        "answer",
+        "back",
+        "to",
+        "me",
+        "one",
+        "word",
+        "after",
+        "another",
+    ]
     stream = client(gateway, gateway.token("alice", "models=mock")).chat.completions.create(
         model="mock",
-        messages=HELLO,
-        stream=True,  # type: ignore[arg-type]
+        messages=[{"role": "user", "content": " ".join(words)}],
+        stream=True,
     )
-    pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
-    assert len(pieces) > 5  # really streamed, chunk by chunk
-    assert "".join(pieces) == "This is a mock reply to: hello from the sdk"
+    pieces = [
+        chunk.choices[0].delta.content for chunk in stream if chunk.choices and chunk.choices[0].delta.content
+    ]
+    # Really streamed: once the answer is longer than the inspection hold-back window (64 characters),
+    # text goes out chunk by chunk while the model is still writing.
+    assert len(pieces) >= 4
+    assert "".join(pieces) == "This is a mock reply to: " + " ".join(words[:12])
 
 
 def test_embeddings_through_the_sdk(gateway: Gateway) -> None:
@@ -190,7 +209,7 @@ def test_policy_reload_applies_valid_policies_and_rejects_invalid_ones(gateway: 
 
 def test_cli_policy_test_and_validate(gateway: Gateway) -> None:
     result = gateway.cli("policy", "test", str(gateway.home / "policies" / "tests.yaml"))
-    assert "5 passed, 0 failed" in result.stderr
+    assert "9 passed, 0 failed" in result.stderr
     assert gateway.cli("policy", "validate").returncode == 0
 
 

@@ -12,7 +12,7 @@ import orjson
 import typer
 from rich.console import Console
 
-from ztai.cli import audit_commands, policy_commands, token_commands
+from ztai.cli import audit_commands, policy_commands, scan_command, token_commands
 from ztai.cli.common import ConfigOption, fail, open_database_for, settings_for
 from ztai.config import DEFAULT_CONFIG_PATH, with_upstreams
 from ztai.errors import ZtaiError
@@ -30,6 +30,7 @@ app.add_typer(token_commands.app, name="token")
 app.add_typer(token_commands.keys_app, name="keys")
 app.add_typer(policy_commands.app, name="policy")
 app.add_typer(audit_commands.app, name="audit")
+app.command("scan")(scan_command.scan)
 
 err = Console(stderr=True)
 
@@ -68,6 +69,11 @@ audit:
   checkpoint_interval_seconds: 2
   ocsf_file: ""            # e.g. .ztai/audit.ocsf.jsonl for a SIEM
   commit_before_forward: false  # true: commit the audit event before the upstream sees the request
+
+detect:                    # content detectors per route; policies/content.cedar decides what findings mean
+  chat: {{input: [injection, pii, secrets], output: [pii, secrets]}}
+  embeddings: {{input: [pii, secrets], output: []}}
+  stream_holdback_chars: 64  # streamed answers are held back this much so split values are still caught
 
 upstreams:
   mock:                    # the built-in mock (`ztai mock-upstream --port 9100`)

@@ -35,7 +35,7 @@ UPSTREAM_ERRORS = Counter("ztai_upstream_errors_total", "Failed upstream calls",
 # Bound children, so the hot path does no label lookups.
 STAGE = {
     stage: STAGE_SECONDS.labels(stage)
-    for stage in ("read", "authenticate", "decide", "audit", "upstream", "total")
+    for stage in ("read", "authenticate", "inspect", "decide", "audit", "upstream", "total")
 }
 
 

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from ztai.audit.events import identity_event
-from ztai.errors import MalformedRequest, UpstreamError, ZtaiError
+from ztai.detect.inspector import Inspection, Inspector
+from ztai.detect.redact import TokenVault
+from ztai.errors import MalformedRequest, PermissionDenied, UpstreamError, ZtaiError
 from ztai.gateway import metrics
+from ztai.gateway.content import (
+    RequestContent,
+    StreamFilter,
+    audit_findings,
+    filter_completion,
+    filter_sse,
+    inspect_request,
+)
 from ztai.gateway.pipeline import (
     Call,
     admit,
@@ -22,7 +34,7 @@ from ztai.gateway.pipeline import (
     start_recording,
 )
 from ztai.gateway.responses import JSONResponse
-from ztai.gateway.runtime import Runtime
+from ztai.gateway.runtime import RouteInspectors, Runtime
 from ztai.gateway.upstream import Upstream, passed_headers, relay
 from ztai.policy import default_context, principal_request, token_context
 
@@ -46,15 +58,21 @@ async def _model_call(request: Request, *, action: str, path: str, required: str
         raise MalformedRequest(f"missing required field {required!r}")
     upstream = runtime.upstreams.for_model(model)  # unknown model: 404 before any decision is needed
     call = Call(path, action, "Model", model, body=body, payload=payload, principal=principal)
+    inspectors = runtime.inspectors.get(action)
+    content = _inspect_input(runtime, call, inspectors)
     decision = decide_call(runtime, request, call)
     recording = start_recording(runtime, call)
     if not decision.allowed or runtime.settings.audit.commit_before_forward:
         await recording
         enforce(call)
+    vault = TokenVault()
+    if content is not None:
+        body = content.apply(payload, decision.obligations, vault) or body
+    output = _OutputGuard(runtime, request, call, inspectors, vault)
     # Nothing is answered before the decision is durable. If the commit fails, its AuditUnavailable (503)
     # replaces whatever the upstream said: fail closed.
     try:
-        response = await _forward(runtime, upstream, path, body, stream=payload.get("stream") is True)
+        response = await _forward(runtime, upstream, path, body, payload.get("stream") is True, output)
     except ZtaiError:
         await recording
         raise
@@ -68,14 +86,30 @@ async def _model_call(request: Request, *, action: str, path: str, required: str
     return response
 
 
-async def _forward(runtime: Runtime, upstream: Upstream, path: str, body: bytes, *, stream: bool) -> Response:
+def _inspect_input(runtime: Runtime, call: Call, inspectors: RouteInspectors | None) -> RequestContent | None:
+    if inspectors is None or inspectors.input is None:
+        return None
+    stage = time.perf_counter()
+    content = inspect_request(inspectors.input, call.payload)
+    call.content = content.inspection.context()
+    call.findings = audit_findings(content.inspection, runtime.finding_key)
+    metrics.STAGE["inspect"].observe(time.perf_counter() - stage)
+    return content
+
+
+async def _forward(
+    runtime: Runtime, upstream: Upstream, path: str, body: bytes, stream: bool, output: _OutputGuard
+) -> Response:
     stage = time.perf_counter()
     try:
         if stream:
             streamed = await runtime.upstreams.open_stream(upstream, path, body)
             metrics.STAGE["upstream"].observe(time.perf_counter() - stage)
+            chunks = relay(streamed)
+            if output.active and streamed.status == 200:
+                chunks = output.filter_stream(chunks)
             return StreamingResponse(
-                relay(streamed),
+                chunks,
                 status_code=streamed.status,
                 headers=passed_headers(streamed),
                 background=BackgroundTask(streamed.release),
@@ -85,10 +119,89 @@ async def _forward(runtime: Runtime, upstream: Upstream, path: str, body: bytes,
         metrics.UPSTREAM_ERRORS.labels(upstream.name).inc()
         raise
     metrics.STAGE["upstream"].observe(time.perf_counter() - stage)
+    content = result.body
+    if output.active and result.status == 200:
+        content = await output.filter_completion(content)
     # Provider-side failures are reported as a bad gateway; client errors (4xx) pass through as they are.
-    return Response(
-        result.body, status_code=result.status if result.status < 500 else 502, headers=result.headers
-    )
+    headers = {k: v for k, v in result.headers.items() if k != "content-length"}
+    return Response(content, status_code=result.status if result.status < 500 else 502, headers=headers)
+
+
+class _OutputGuard:
+    """Scans the model's answer, decides on its findings with the same policies (action and resource as
+    the request, `context.content` from the output), audits them, and redacts or refuses accordingly."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        request: Request,
+        call: Call,
+        inspectors: RouteInspectors | None,
+        vault: TokenVault,
+    ) -> None:
+        self._runtime, self._request, self._call, self._vault = runtime, request, call, vault
+        self._inspector = inspectors.output if inspectors is not None else None
+        self._holdback = inspectors.holdback if inspectors is not None else 0
+        self._pending: list[Call] = []
+
+    @property
+    def active(self) -> bool:
+        return self._inspector is not None or len(self._vault) > 0
+
+    def decide(self, inspection: Inspection) -> bool:
+        """True when the output must be redacted; raises PermissionDenied when it must be refused."""
+        if not inspection.findings:
+            return False
+        output_call = Call(
+            self._call.route,
+            self._call.action,
+            self._call.resource_type,
+            self._call.resource_id,
+            body=self._call.body,
+            payload=self._call.payload,
+            principal=self._call.principal,
+            content=inspection.context(),
+            findings=audit_findings(inspection, self._runtime.finding_key),
+        )
+        decision = decide_call(self._runtime, self._request, output_call)
+        self._pending.append(output_call)
+        if not decision.allowed:
+            enforce(output_call)
+        # In an answer only `redact` removes what the model wrote; `tokenize` is about the caller's own
+        # data going to the provider, and those values are given back (restored) either way.
+        return "redact" in decision.obligations
+
+    async def flush_audit(self) -> None:
+        while self._pending:
+            await start_recording(self._runtime, self._pending.pop(0))
+
+    async def filter_completion(self, body: bytes) -> bytes:
+        inspector = self._inspector or _NO_DETECTORS
+        try:
+            filtered, _ = filter_completion(body, inspector, self.decide, self._vault)
+        finally:
+            await self.flush_audit()  # durable before the answer (or the refusal) goes out
+        return filtered
+
+    async def filter_stream(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        stream = StreamFilter(self._inspector or _NO_DETECTORS, self._holdback, self.decide, self._vault)
+        try:
+            async for event in filter_sse(chunks, stream, self.flush_audit):
+                yield event
+        except PermissionDenied as refused:
+            await self.flush_audit()
+            error = {
+                "error": {
+                    "message": refused.message,
+                    "type": refused.type,
+                    "code": refused.code,
+                    "decision_id": refused.decision_id,
+                }
+            }
+            yield b"data: " + orjson.dumps(error) + b"\n\n"
+
+
+_NO_DETECTORS = Inspector([])
 
 
 def _model_name(payload: dict[str, Any]) -> str:

@@ -49,6 +49,8 @@ class Call:
     context: dict[str, Any] = field(default_factory=dict)
     decision: Decision | None = None
     decision_id: str = ""
+    content: dict[str, Any] | None = None  # context.content from the detectors, when they ran
+    findings: list[dict[str, Any]] = field(default_factory=list)  # for the audit record (no values)
 
 
 # Stage 1: read and bound the input --------------------------------------------------------------
@@ -125,6 +127,8 @@ def collect_context(call: Call, request: Request) -> dict[str, Any]:
         "stream": bool(call.payload.get("stream")),
         "bytes": len(call.body),
     }
+    if call.content is not None:
+        context["content"] = call.content
     return context
 
 
@@ -169,6 +173,8 @@ async def record(runtime: Runtime, call: Call) -> None:
             "ip": call.context.get("network", {}).get("ip", ""),
         },
     )
+    if call.findings:
+        event["findings"] = call.findings
     await runtime.audit.record(event)
 
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import signal
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives import serialization
+
 from ztai.audit import AuditLog, AuditWriter
 from ztai.audit.ocsf import OcsfFileExporter
 from ztai.config import Settings
+from ztai.detect.inspector import Inspector
 from ztai.errors import PolicyError, ZtaiError
 from ztai.gateway.upstream import Upstreams
 from ztai.identity import KeyStore, RevocationList, TokenVerifier
@@ -18,6 +22,26 @@ from ztai.policy import PolicyEngine, model_entities
 from ztai.store import Database, open_database
 
 log = logging.getLogger("ztai.gateway")
+
+
+@dataclass(frozen=True)
+class RouteInspectors:
+    input: Inspector | None
+    output: Inspector | None
+    holdback: int
+
+
+def _route_inspectors(settings: Settings) -> dict[str, RouteInspectors]:
+    detect = settings.detect
+    routes = {"chat": detect.chat, "embed": detect.embeddings}
+    return {
+        action: RouteInspectors(
+            Inspector(route.input) if route.input else None,
+            Inspector(route.output) if route.output else None,
+            detect.stream_holdback_chars,
+        )
+        for action, route in routes.items()
+    }
 
 
 @dataclass
@@ -31,6 +55,8 @@ class Runtime:
     audit_log: AuditLog
     audit: AuditWriter
     upstreams: Upstreams
+    inspectors: dict[str, RouteInspectors]  # by action
+    finding_key: bytes  # keys the hashes of finding values in audit records
     _refresher: asyncio.Task[None] | None = None
 
     @classmethod
@@ -60,7 +86,23 @@ class Runtime:
             exporter=exporter,
         )
         verifier = TokenVerifier(settings, keys, revocations)
-        return cls(settings, database, keys, revocations, verifier, policy, audit_log, audit, upstreams)
+        raw_audit_key = keys.audit.private_key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+        finding_key = hashlib.sha256(b"ztai finding hash\0" + raw_audit_key).digest()
+        return cls(
+            settings,
+            database,
+            keys,
+            revocations,
+            verifier,
+            policy,
+            audit_log,
+            audit,
+            upstreams,
+            _route_inspectors(settings),
+            finding_key,
+        )
 
     async def start(self) -> None:
         self.audit.start()

@@ -21,6 +21,14 @@ def default_context() -> dict[str, Any]:
         "network": {"ip": ""},
         "time": clock(),
         "request": {"route": "", "stream": False, "bytes": 0},
+        "content": {
+            "injection_score": 0,
+            "injection_flagged": False,
+            "pii_types": [],
+            "secret_types": [],
+            "obfuscation": [],
+            "canary": False,
+        },
     }
 
 

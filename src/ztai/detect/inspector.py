@@ -1,0 +1,86 @@
+"""Running the configured detectors over the texts of a request or response.
+
+The inspector turns findings into the `context.content` record Cedar sees, so policy — not the
+detectors — decides what happens (allow, redact, require approval, deny).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ztai.detect.base import Detector, Finding, Source
+from ztai.errors import ConfigError
+
+# name -> (module, class); imported on first use so a deployment only loads what it configures.
+DETECTORS: dict[str, tuple[str, str]] = {
+    "injection": ("ztai.detect.injection", "InjectionDetector"),
+    "pii": ("ztai.detect.pii", "PiiDetector"),
+    "secrets": ("ztai.detect.secrets", "SecretsDetector"),
+    "canary": ("ztai.detect.canary", "CanaryDetector"),
+}
+
+
+def load_detector(name: str) -> Detector:
+    if name not in DETECTORS:
+        raise ConfigError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
+    module_name, class_name = DETECTORS[name]
+    detector: Detector = getattr(importlib.import_module(module_name), class_name)()
+    return detector
+
+
+@dataclass(frozen=True)
+class ScannedText:
+    source: Source
+    text: str
+    findings: list[Finding]
+
+
+@dataclass
+class Inspection:
+    """Everything the detectors found in one direction of one request."""
+
+    scanned: list[ScannedText] = field(default_factory=list)
+
+    @property
+    def findings(self) -> list[Finding]:
+        return [finding for item in self.scanned for finding in item.findings]
+
+    def context(self) -> dict[str, Any]:
+        """The `context.content` record for Cedar (scores as integer percent: Cedar has no floats)."""
+        injection = [f for f in self.findings if f.detector == "injection"]
+        return {
+            "injection_score": max((round(f.score * 100) for f in injection), default=0),
+            "injection_flagged": bool(injection),
+            "pii_types": sorted({f.type for f in self.findings if f.detector == "pii"}),
+            "secret_types": sorted({f.type for f in self.findings if f.detector == "secrets"}),
+            "obfuscation": sorted({f.type for f in self.findings if f.detector == "obfuscation"}),
+            "canary": any(f.detector == "canary" for f in self.findings),
+        }
+
+
+class Inspector:
+    def __init__(self, names: Sequence[str], detectors: Sequence[Detector] | None = None) -> None:
+        """The named detectors (loaded from the registry), or the given detector objects."""
+        self.detectors = list(detectors) if detectors is not None else [load_detector(name) for name in names]
+        self.names = [detector.name for detector in self.detectors]
+
+    def scan(self, text: str, source: Source, exclude: Sequence[str] = ()) -> list[Finding]:
+        findings: list[Finding] = []
+        for detector in self.detectors:
+            if detector.name not in exclude:
+                findings.extend(detector.scan(text, source))
+        return findings
+
+    def inspect(self, texts: Iterable[tuple[Source, str]]) -> Inspection:
+        inspection = Inspection()
+        for source, text in texts:
+            if text:
+                inspection.scanned.append(ScannedText(source, text, self.scan(text, source)))
+        return inspection
+
+
+def empty_content() -> dict[str, Any]:
+    return Inspection().context()

@@ -1,0 +1,170 @@
+"""Redaction, tokenization and incremental (streamed) filtering of content."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+
+from ztai.detect.base import Finding, Source
+from ztai.detect.canary import CanaryDetector
+from ztai.detect.inspector import Inspection, Inspector
+from ztai.detect.redact import TokenVault, redact, restore, select_spans, span_hash
+from ztai.gateway.content import StreamFilter, filter_completion, filter_sse, inspect_request
+
+EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.]+")
+KEY = re.compile(r"sk-[A-Za-z0-9]{20,}")
+
+
+class RegexDetector:
+    """A small, real detector for these tests: e-mail addresses (PII) and sk- keys (secrets)."""
+
+    name = "regex"
+
+    def scan(self, text: str, source: Source) -> list[Finding]:
+        found = [Finding("pii", "EMAIL_ADDRESS", m.start(), m.end(), 0.9) for m in EMAIL.finditer(text)]
+        found += [Finding("secrets", "OPENAI_API_KEY", m.start(), m.end(), 1.0) for m in KEY.finditer(text)]
+        return found
+
+
+INSPECTOR = Inspector([], detectors=[RegexDetector()])
+
+
+def test_redact_uses_typed_numbered_placeholders_and_restore_reverses_them() -> None:
+    text = "write to ana@example.org and bo@example.org, then ana@example.org again"
+    vault = TokenVault()
+    redacted, replaced = redact(text, INSPECTOR.scan(text, "user"), vault, restorable=True)
+    assert redacted == "write to <EMAIL_ADDRESS_1> and <EMAIL_ADDRESS_2>, then <EMAIL_ADDRESS_1> again"
+    assert len(replaced) == 3 and len(vault) == 2
+    assert restore(redacted, vault) == text
+    assert "ana@example.org" not in str(vault.export())  # sealed at rest
+
+
+def test_offsets_stay_right_in_multibyte_text() -> None:
+    text = "😀 naïve 日本語 mail ana@example.org 🚀 key sk-ABCDEFGHIJKLMNOPQRSTUV end"
+    redacted, _ = redact(text, INSPECTOR.scan(text, "user"))
+    assert redacted == "😀 naïve 日本語 mail <EMAIL_ADDRESS_1> 🚀 key <OPENAI_API_KEY_1> end"
+
+
+def test_overlapping_findings_keep_the_more_specific_one() -> None:
+    findings = [
+        Finding("pii", "URL", 0, 30, 0.5),
+        Finding("secrets", "BASIC_AUTH_URL", 5, 25, 1.0),
+        Finding("pii", "EMAIL_ADDRESS", 40, 50, 0.9),
+    ]
+    assert [f.type for f in select_spans(findings)] == ["BASIC_AUTH_URL", "EMAIL_ADDRESS"]
+
+
+def test_span_hash_is_keyed() -> None:
+    assert span_hash("123-45-6789", b"k1") != span_hash("123-45-6789", b"k2")
+    assert span_hash("123-45-6789", b"k1") == span_hash("123-45-6789", b"k1")
+
+
+def test_request_inspection_covers_every_message_and_applies_obligations() -> None:
+    payload = {
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "support bot for ops@example.org"},
+            {"role": "user", "content": [{"type": "text", "text": "my key is sk-ABCDEFGHIJKLMNOPQRSTUV"}]},
+            {"role": "tool", "content": "customer: ana@example.org"},
+        ],
+    }
+    content = inspect_request(INSPECTOR, payload)
+    assert [s.source for s in content.inspection.scanned] == ["user", "user", "tool_output"]
+    context = content.inspection.context()
+    assert context["pii_types"] == ["EMAIL_ADDRESS"] and context["secret_types"] == ["OPENAI_API_KEY"]
+    assert content.apply(payload, [], TokenVault()) is None  # no obligation: unchanged
+    vault = TokenVault()
+    body = content.apply(payload, ["tokenize"], vault)
+    assert body is not None
+    forwarded = orjson.loads(body)
+    assert "sk-ABC" not in body.decode() and "example.org" not in body.decode()
+    assert forwarded["messages"][1]["content"][0]["text"] == "my key is <OPENAI_API_KEY_1>"
+    assert restore(forwarded["messages"][2]["content"], vault) == "customer: ana@example.org"
+
+
+def test_completion_output_is_scanned_redacted_and_the_callers_values_restored() -> None:
+    vault = TokenVault()
+    placeholder = vault.placeholder_for("EMAIL_ADDRESS", "ana@example.org")  # the caller's, from input
+    answer = {
+        "choices": [{"message": {"role": "assistant", "content": f"Mail {placeholder}; also bo@example.org"}}]
+    }
+    decided: list[Inspection] = []
+
+    def decide(inspection: Inspection) -> bool:
+        decided.append(inspection)
+        return True
+
+    body, inspection = filter_completion(orjson.dumps(answer), INSPECTOR, decide, vault)
+    content = orjson.loads(body)["choices"][0]["message"]["content"]
+    assert content == "Mail ana@example.org; also <EMAIL_ADDRESS_2>"
+    assert [f.type for f in inspection.findings] == ["EMAIL_ADDRESS"]
+
+
+def test_stream_filter_catches_a_secret_split_across_chunks() -> None:
+    stream = StreamFilter(INSPECTOR, holdback=32, decide_output=lambda _: True, vault=TokenVault())
+    deltas = ["Here is the key: sk-ABCDEF", "GHIJKLMNOP", "QRSTUVWXYZ and more text ", "that follows it."]
+    released = "".join(stream.feed(d) for d in deltas) + stream.flush()
+    assert released == "Here is the key: <OPENAI_API_KEY_1> and more text that follows it."
+
+
+def test_stream_filter_delays_text_by_at_most_the_window() -> None:
+    stream = StreamFilter(INSPECTOR, holdback=8, decide_output=lambda _: False, vault=TokenVault())
+    assert stream.feed("short") == ""
+    assert stream.feed(" text that is longer than the window") != ""
+
+
+async def test_sse_stream_is_rewritten_event_by_event() -> None:
+    def event(content: str | None, finish: str | None = None) -> bytes:
+        delta = {} if content is None else {"content": content}
+        body = {
+            "id": "c1",
+            "object": "chat.completion.chunk",
+            "model": "m",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        return b"data: " + orjson.dumps(body) + b"\n\n"
+
+    async def upstream() -> AsyncIterator[bytes]:
+        for piece in [
+            event("mail me at ana@exa"),
+            event("mple.org please"),
+            event(None, "stop"),
+            b"data: [DONE]\n\n",
+        ]:
+            yield piece[:7]  # SSE events split at arbitrary byte boundaries
+            yield piece[7:]
+
+    released: list[int] = []
+
+    async def before_release() -> None:
+        released.append(1)
+
+    stream = StreamFilter(INSPECTOR, holdback=16, decide_output=lambda _: True, vault=TokenVault())
+    out = b"".join([chunk async for chunk in filter_sse(upstream(), stream, before_release)])
+    texts = [
+        orjson.loads(line[6:])["choices"][0]["delta"].get("content", "")
+        for line in out.split(b"\n\n")
+        if line.startswith(b"data: {")
+    ]
+    assert "".join(texts) == "mail me at <EMAIL_ADDRESS_1> please"
+    assert out.endswith(b"data: [DONE]\n\n") and released
+
+
+def test_canary_detector_finds_only_registered_canaries() -> None:
+    canaries = CanaryDetector()
+    token = canaries.issue("session-1")
+    text = f"the secret reference is {token}, not ztc-00000000000000000000"
+    findings = canaries.scan(text, "model_output")
+    assert [(f.type, text[f.start : f.end]) for f in findings] == [("prompt_leak", token)]
+    assert canaries.scan(text, "tool_output")[0].type == "canary_exfiltration"
+    assert canaries.session_of(token) == "session-1"
+
+
+def test_unknown_detector_names_fail_clearly() -> None:
+    from ztai.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown detector"):
+        Inspector(["nope"])

@@ -1,0 +1,296 @@
+"""PII detector: validated patterns, tagger, offsets on multi-byte text, bounded work on huge inputs.
+
+All examples are made up here (fake people, places and numbers); none comes from an evaluation set.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from ztai.detect import pii
+from ztai.detect.base import Detector, Finding
+from ztai.detect.pii import PiiDetector, iban_ok, luhn_ok, ssn_ok
+
+DET = PiiDetector()
+
+
+def found(text: str, det: PiiDetector = DET) -> set[tuple[str, str]]:
+    """(type, covered text) pairs."""
+    return {(f.type, text[f.start : f.end]) for f in det.scan(text, "user")}
+
+
+def spans_of(text: str, type_: str) -> list[tuple[int, int]]:
+    return [(f.start, f.end) for f in DET.scan(text, "document") if f.type == type_]
+
+
+# --- interface ---------------------------------------------------------------------------------------
+
+
+def test_is_a_detector_and_findings_are_well_formed() -> None:
+    assert isinstance(DET, Detector)
+    assert DET.name == "pii"
+    text = "Mail bob.tables@example.org or call +44 20 7946 0958. Card 4111 1111 1111 1111."
+    fs = DET.scan(text, "tool_output")
+    assert fs
+    for f in fs:
+        assert isinstance(f, Finding)
+        assert f.detector == "pii"
+        assert 0 <= f.start < f.end <= len(text)
+        assert 0.0 <= f.score <= 1.0
+        assert f.evidence and text[f.start : f.end] not in f.evidence  # never the raw value
+
+
+def test_empty_and_whitespace() -> None:
+    assert DET.scan("", "user") == []
+    assert DET.scan(" \n\t ", "user") == []
+
+
+def test_tagger_artifact_loads() -> None:
+    tagger = pii._tagger()
+    assert tagger is not None
+    assert tagger.labels[0] == "O" and set(tagger.labels[1:]) == set(pii.TAGGER_TYPES)
+
+
+def test_fast_feature_path_matches_training_features() -> None:
+    tagger = pii._tagger()
+    assert tagger is not None
+    text = "Dr. Jana Novak moved from Brno to 12 Elm Street, Springfield.\nCall 555-0100 x12, zip 60614."
+    hits = pii._resolve(pii._pattern_hits(text))
+    toks = pii.tokenize(text)
+    ptypes = pii.pattern_types_per_token(toks, hits)
+    slow = tagger.indices(pii.token_features(text, toks, ptypes))
+    fast = tagger.indices_for(text, toks, ptypes)
+    assert [sorted(r) for r in slow] == [sorted(r) for r in fast]
+
+
+# --- structured types with exact offsets ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "type_", "value"),
+    [
+        (
+            "Write to jane.roe+news@mail.example.co.uk today",
+            "EMAIL_ADDRESS",
+            "jane.roe+news@mail.example.co.uk",
+        ),
+        ("Docs at https://docs.example.com/a/b?x=1.", "URL", "https://docs.example.com/a/b?x=1"),
+        ("see www.example.org for details", "URL", "www.example.org"),
+        ("Server 192.168.10.254 refused", "IP_ADDRESS", "192.168.10.254"),
+        ("v6 host 2001:db8:85a3::8a2e:370:7334 is down", "IP_ADDRESS", "2001:db8:85a3::8a2e:370:7334"),
+        ("loopback ::1 only", "IP_ADDRESS", "::1"),
+        ("my card is 4111 1111 1111 1111 thanks", "CREDIT_CARD", "4111 1111 1111 1111"),
+        ("visa 4539148803436467 expires soon", "CREDIT_CARD", "4539148803436467"),
+        ("amex 3782-822463-10005 on file", "CREDIT_CARD", "3782-822463-10005"),
+        ("IBAN GB82 WEST 1234 5698 7654 32 please", "IBAN_CODE", "GB82 WEST 1234 5698 7654 32"),
+        ("pay to DE89370400440532013000 now", "IBAN_CODE", "DE89370400440532013000"),
+        ("lowercase de89370400440532013000 too", "IBAN_CODE", "de89370400440532013000"),
+        ("His SSN is 536-22-1234.", "US_SSN", "536-22-1234"),
+        ("social security number 536221234", "US_SSN", "536221234"),
+        ("Call me on +1 (415) 555-0132 tomorrow", "PHONE_NUMBER", "+1 (415) 555-0132"),
+        ("phone: 020 7946 0958", "PHONE_NUMBER", "020 7946 0958"),
+        ("fax 312.555.0187 ext 44", "PHONE_NUMBER", "312.555.0187 ext 44"),
+        ("Born on 1984-07-23 in spring", "DATE_TIME", "1984-07-23"),
+        ("The invoice from March 3, 2021 is due", "DATE_TIME", "March 3, 2021"),
+        ("meet at 12/31/2019 please", "DATE_TIME", "12/31/2019"),
+        ("The firm was founded in 1998.", "DATE_TIME", "1998"),
+        ("We talked on Wednesday", "DATE_TIME", "Wednesday"),
+        ("My grandmother is 87 years old", "AGE", "87"),
+        ("a 45-year-old patient", "AGE", "45"),
+        ("My zip code is 94107", "ZIP_CODE", "94107"),
+        ("driver's license number is D1234-5678-9012", "US_DRIVER_LICENSE", "D1234-5678-9012"),
+        ("Please ask Dr. Okafor", "TITLE", "Dr."),
+        ("The Norwegian team won", "NRP", "Norwegian"),
+    ],
+)
+def test_pattern_types_exact_offsets(text: str, type_: str, value: str) -> None:
+    start = text.index(value)
+    assert (start, start + len(value)) in spans_of(text, type_), DET.scan(text, "user")
+
+
+# --- validators reject near misses ----------------------------------------------------------------------
+
+
+def test_luhn() -> None:
+    assert luhn_ok("4111111111111111")
+    assert luhn_ok("79927398713")
+    assert not luhn_ok("4111111111111112")
+    assert not luhn_ok("79927398710")
+
+
+def test_bad_luhn_is_not_a_card() -> None:
+    assert not spans_of("my card is 4111 1111 1111 1112 thanks", "CREDIT_CARD")
+    assert not spans_of("card 4539148803436468", "CREDIT_CARD")
+
+
+def test_card_grouping_must_look_like_a_card() -> None:
+    # valid Luhn but grouped like a phone number: not a card
+    assert not spans_of("ref 411 11111 1111 111", "CREDIT_CARD")
+
+
+def test_iban_checksum_and_length() -> None:
+    assert iban_ok("GB82WEST12345698765432")
+    assert iban_ok("de89370400440532013000")
+    assert not iban_ok("GB82WEST12345698765433")  # checksum
+    assert not iban_ok("GB82WEST1234569876543")  # length for GB is 22
+    assert not iban_ok("XX82WEST12345698765432")  # unknown country
+    assert not spans_of("IBAN GB82 WEST 1234 5698 7654 33 please", "IBAN_CODE")
+    assert not spans_of("pay to DE89370400440532013001 now", "IBAN_CODE")
+
+
+@pytest.mark.parametrize(
+    "ssn", ["000-12-3456", "666-12-3456", "900-12-3456", "987-65-4321", "123-00-4567", "123-45-0000"]
+)
+def test_ssn_rules_reject(ssn: str) -> None:
+    area, group, serial = ssn.split("-")
+    assert not ssn_ok(area, group, serial)
+    assert not spans_of(f"My SSN is {ssn}.", "US_SSN")
+
+
+def test_ssn_rules_accept() -> None:
+    assert ssn_ok("536", "22", "1234")
+    assert ssn_ok("001", "01", "0001")
+
+
+def test_ssn_without_dashes_needs_context() -> None:
+    assert not spans_of("order number 536221234 shipped", "US_SSN")
+    assert spans_of("SSN 536 22 1234", "US_SSN") == [(4, 15)]
+
+
+def test_ip_validation() -> None:
+    assert not spans_of("version 1.2.3.456 released", "IP_ADDRESS")
+    assert not spans_of("time 12:30:45 today", "IP_ADDRESS")
+    assert not spans_of("not an ip 2001:db8::g1", "IP_ADDRESS")
+
+
+def test_plain_numbers_are_not_phones_or_dates() -> None:
+    text = "We sold 1500 units and 42 boxes; order 77 of 120."
+    assert not {t for t, _ in found(text)} & {"PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "DATE_TIME"}
+
+
+def test_unicode_email() -> None:
+    assert found("écrire à zoé.müller@exämple.de") == {("EMAIL_ADDRESS", "zoé.müller@exämple.de")}
+
+
+def test_email_domain_is_not_also_a_url() -> None:
+    assert found("contact: ola.nordmann@example.no") == {("EMAIL_ADDRESS", "ola.nordmann@example.no")}
+
+
+# --- tagger: names, places, addresses, organisations ----------------------------------------------------
+
+
+def test_person_in_context() -> None:
+    text = "Yesterday I had lunch with Margaret Okonkwo and her brother."
+    assert ("PERSON", "Margaret Okonkwo") in found(text)
+
+
+def test_person_after_name_cue() -> None:
+    text = "Hello, my name is Tobias Lindqvist."
+    assert ("PERSON", "Tobias Lindqvist") in found(text)
+
+
+def test_location() -> None:
+    text = "Next month she is moving from Lisbon to Germany."
+    got = found(text)
+    assert ("LOCATION", "Lisbon") in got
+    assert ("LOCATION", "Germany") in got
+
+
+def test_street_address() -> None:
+    text = "Please send the parcel to 742 Maple Avenue, Springfield."
+    got = {t for t, v in found(text) if "742" in v or "Maple" in v}
+    assert got & {"STREET_ADDRESS", "LOCATION"}
+
+
+def test_honorific_and_name_are_separate_findings() -> None:
+    text = "A letter for Mrs. Ingrid Halvorsen arrived."
+    got = found(text)
+    assert ("TITLE", "Mrs.") in got
+    assert ("PERSON", "Ingrid Halvorsen") in got
+
+
+def test_entities_filter_and_tagger_off() -> None:
+    text = "Alice Moreau wrote from alice@example.com"
+    only_email = PiiDetector(entities=["EMAIL_ADDRESS"])
+    assert found(text, only_email) == {("EMAIL_ADDRESS", "alice@example.com")}
+    assert {t for t, _ in found(text, PiiDetector(use_tagger=False))} == {"EMAIL_ADDRESS"}
+
+
+# --- offsets in multi-byte text ----------------------------------------------------------------------
+
+
+def test_offsets_with_emoji_and_combining_marks() -> None:
+    text = "🙂🙂 Zoë 👩‍💻 wrote — ping ze\u0301lie@example.fr or +33 1 23 45 67 89 ✅ IBAN FR14 2004 1010 0505 0001 3M02 606"
+    fs = DET.scan(text, "model_output")
+    got = {(f.type, text[f.start : f.end]) for f in fs}
+    assert ("PHONE_NUMBER", "+33 1 23 45 67 89") in got
+    assert ("IBAN_CODE", "FR14 2004 1010 0505 0001 3M02 606") in got
+    email = [f for f in fs if f.type == "EMAIL_ADDRESS"]
+    assert len(email) == 1
+    # a decomposed accent (e + U+0301) stays inside the local part; offsets are code points
+    assert text[email[0].start : email[0].end] == "ze\u0301lie@example.fr"
+    for f in fs:
+        assert 0 <= f.start < f.end <= len(text)
+
+
+def test_offsets_in_rtl_and_cjk_text() -> None:
+    prefix = "مرحبا 你好 שלום "
+    text = prefix + "card 4111-1111-1111-1111"
+    assert spans_of(text, "CREDIT_CARD") == [(len(prefix) + 5, len(text))]
+
+
+# --- long and hostile inputs -------------------------------------------------------------------------
+
+
+def test_finding_across_window_boundary_reported_once() -> None:
+    filler = "lorem ipsum " * 1800  # ~21,600 characters: past the 20,000-character window
+    text = filler[:19_950] + " write to window.edge@example.com now " + filler
+    fs = [f for f in DET.scan(text, "document") if f.type == "EMAIL_ADDRESS"]
+    assert len(fs) == 1
+    assert text[fs[0].start : fs[0].end] == "window.edge@example.com"
+
+
+def test_email_far_into_a_long_document() -> None:
+    text = "word " * 60_000 + "mail me: late.finding@example.com"
+    fs = [f for f in DET.scan(text, "document") if f.type == "EMAIL_ADDRESS"]
+    assert [text[f.start : f.end] for f in fs] == ["late.finding@example.com"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1" * 300_000,
+        "1 " * 150_000,
+        "1-" * 150_000,
+        "a@" * 150_000,
+        ":" * 300_000,
+        "ab:" * 100_000,
+        "1." * 150_000,
+        "+1 " * 100_000,
+        "😀" * 150_000,
+        "Ab " * 100_000,
+        "http://" + "a" * 300_000,
+        "a" * 100 + "@" + "b." * 100_000 + "com",
+        "GB82 " * 60_000,
+        "4111 " * 60_000,
+    ],
+)
+def test_hostile_inputs_finish_quickly(text: str) -> None:
+    t0 = time.perf_counter()
+    fs = DET.scan(text, "user")
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 10.0, elapsed
+    for f in fs:
+        assert 0 <= f.start < f.end <= len(text)
+
+
+def test_mixed_megabyte_is_linear() -> None:
+    unit = "Anna Berg (anna.berg@example.se, +46 8 123 456 78) lives at Storgatan 5, Malmö. "
+    text = unit * (1_000_000 // len(unit))
+    t0 = time.perf_counter()
+    fs = DET.scan(text, "document")
+    assert time.perf_counter() - t0 < 30.0
+    emails = [f for f in fs if f.type == "EMAIL_ADDRESS"]
+    assert len(emails) == text.count("@")
