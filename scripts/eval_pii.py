@@ -533,7 +533,23 @@ def main() -> None:
     def keep_known(spans: list[Span]) -> list[Span]:
         return [sp for sp in spans if sp[0] in known]
 
-    results: dict[str, Any] = {"split": args.split, "part": args.part, "mapping": args.mapping}
+    import numpy as np
+
+    tagger_file = args.tagger or ROOT / "src" / "ztai" / "detect" / "data" / "pii_tagger.npz"
+    with np.load(tagger_file) as z:
+        meta = bytes(z["meta"].tobytes()).decode() if "meta" in z.files else ""
+    trained = dict(kv.split("=", 1) for kv in meta.split())
+    if args.part != "all" and (trained.get("split") != args.split or trained.get("seed") != str(args.seed)):
+        retrain = f"scripts/train_pii.py --split {args.split} --seed {args.seed} --out X"
+        print(f"WARNING: the tagger in {tagger_file.name} was trained with {meta!r}; scoring split="
+              f"{args.split} seed={args.seed} may score sentences it was trained on. Run {retrain} "
+              "and pass --tagger X.")  # fmt: skip
+    results: dict[str, Any] = {
+        "split": args.split,
+        "part": args.part,
+        "mapping": args.mapping,
+        "tagger": meta,
+    }
     if args.tagger:
         sys.path.insert(0, str(ROOT / "src"))
         from ztai.detect import pii

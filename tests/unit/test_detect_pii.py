@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 
 from ztai.detect import pii
@@ -60,9 +61,11 @@ def test_fast_feature_path_matches_training_features() -> None:
     hits = pii._resolve(pii._pattern_hits(text))
     toks = pii.tokenize(text)
     ptypes = pii.pattern_types_per_token(toks, hits)
-    slow = tagger.indices(pii.token_features(text, toks, ptypes))
+    feats = pii.token_features(text, toks, ptypes)
+    slow = tagger.indices(feats)
     fast = tagger.indices_for(text, toks, ptypes)
     assert [sorted(r) for r in slow] == [sorted(r) for r in fast]
+    assert np.allclose(tagger.predict_proba(feats), tagger.predict_tokens(text, toks, ptypes), atol=1e-5)
 
 
 # --- structured types with exact offsets ---------------------------------------------------------------
