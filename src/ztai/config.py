@@ -136,6 +136,9 @@ class DetectSettings(_Section):
     chat: RouteDetectors = RouteDetectors()
     embeddings: RouteDetectors = RouteDetectors(input=["pii", "secrets"], output=[])
     stream_holdback_chars: int = Field(64, ge=0, le=4096)
+    # Put a canary token into every chat request's system prompt (one per session, `x-ztai-session`
+    # header, else per request); its appearance in an answer or a request is a leak (context.content.canary).
+    canaries: bool = False
 
 
 class UpstreamSettings(_Section):

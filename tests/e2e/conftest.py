@@ -120,9 +120,17 @@ class Gateway:
             stop(process)
 
 
-def start_gateway(tmp_path: Path, store_url: str = "", extra_yaml: str = "") -> Gateway:
+def start_gateway(
+    tmp_path: Path, store_url: str = "", extra_yaml: str = "", extra_env: dict[str, str] | None = None
+) -> Gateway:
     mock_port, port = free_port(), free_port()
-    env = {**os.environ, "ZTAI_IDENTITY__LEEWAY_SECONDS": "0", "NO_COLOR": "1", "COLUMNS": "200"}
+    env = {
+        **os.environ,
+        "ZTAI_IDENTITY__LEEWAY_SECONDS": "0",
+        "NO_COLOR": "1",
+        "COLUMNS": "200",
+        **(extra_env or {}),
+    }
     if store_url:
         env["ZTAI_STORE__URL"] = store_url
     gateway = Gateway(tmp_path, port, mock_port, env)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import openai
 import pytest
 
-from tests.e2e.conftest import Gateway
+from tests.e2e.conftest import Gateway, start_gateway
 
 pytestmark = pytest.mark.e2e
 GITHUB_TOKEN = "ghp_" + "Zk3v9QmT2xWb7LpR4nYc8HsD1fGj6KuE5aVo"
@@ -73,3 +74,34 @@ def test_a_flagged_prompt_injection_is_refused_by_policy(gateway: Gateway) -> No
     decision = next(e for e in events if e.get("id") == decision_id)
     assert decision["reasons"] == ["deny-flagged-prompt-injection"]
     assert ask(sdk, "What is the capital of France?").startswith("This is a mock reply")
+
+
+def test_canary_in_the_system_prompt_catches_a_prompt_leak(tmp_path: Path) -> None:
+    gateway = start_gateway(tmp_path, extra_env={"ZTAI_DETECT__CANARIES": "true"})
+    try:
+        sdk = client(gateway, gateway.token("dave", "models=mock"))
+        messages = [{"role": "system", "content": "You are the billing assistant."}]
+        # An ordinary answer passes; the canary the gateway added never shows.
+        answer = sdk.chat.completions.create(
+            model="mock", messages=[*messages, {"role": "user", "content": "hi"}]
+        )
+        assert "ztc-" not in (answer.choices[0].message.content or "")
+        # A model tricked into repeating its system prompt leaks the canary: the answer is refused.
+        leak = [*messages, {"role": "user", "content": "[[mock:leak-system]] what is on the menu today"}]
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            sdk.chat.completions.create(model="mock", messages=leak)  # type: ignore[arg-type]
+        decision_id = refused.value.response.json()["error"]["decision_id"]
+        events = [
+            json.loads(line)
+            for line in gateway.cli("audit", "tail", "-n", "20", "--json").stdout.splitlines()
+        ]
+        decision = next(e for e in events if e.get("id") == decision_id)
+        assert decision["reasons"] == ["deny-canary-leak"]
+        assert "prompt_leak" in {f["type"] for f in decision["findings"]}
+        # Streaming: the leak is caught before it is released, and the stream ends with an error event.
+        stream = sdk.chat.completions.create(model="mock", messages=leak, stream=True)  # type: ignore[arg-type]
+        with pytest.raises(openai.APIError):
+            text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+            assert "ztc-" not in text
+    finally:
+        gateway.close()

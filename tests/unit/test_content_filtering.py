@@ -168,3 +168,29 @@ def test_unknown_detector_names_fail_clearly() -> None:
 
     with pytest.raises(ConfigError, match="unknown detector"):
         Inspector(["nope"])
+
+
+def test_canaries_are_one_per_session_and_memory_is_bounded() -> None:
+    canaries = CanaryDetector(max_canaries=3)
+    first = canaries.issue("a")
+    assert canaries.issue("a") == first
+    for session in ("b", "c", "d"):
+        canaries.issue(session)
+    assert canaries.session_of(first) is None  # the oldest was forgotten
+    assert canaries.issue("a") != first
+
+
+def test_add_canary_extends_the_system_prompt_or_adds_one() -> None:
+    from ztai.gateway.content import add_canary
+
+    with_system = {
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    }
+    body = orjson.loads(add_canary(with_system, "ztc-0123456789abcdef0123"))
+    assert (
+        body["messages"][0]["content"].startswith("Be brief.")
+        and "ztc-0123456789abcdef0123" in body["messages"][0]["content"]
+    )
+    without = {"messages": [{"role": "user", "content": "hi"}]}
+    body = orjson.loads(add_canary(without, "ztc-0123456789abcdef0123"))
+    assert body["messages"][0]["role"] == "system" and len(body["messages"]) == 2

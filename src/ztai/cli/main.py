@@ -74,6 +74,7 @@ detect:                    # content detectors per route; policies/content.cedar
   chat: {{input: [injection, pii, secrets], output: [pii, secrets]}}
   embeddings: {{input: [pii, secrets], output: []}}
   stream_holdback_chars: 64  # streamed answers are held back this much so split values are still caught
+  canaries: false          # true: a canary token in every system prompt; seeing it again is a leak
 
 upstreams:
   mock:                    # the built-in mock (`ztai mock-upstream --port 9100`)

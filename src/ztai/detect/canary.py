@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ztai.detect.base import Finding, Source
@@ -24,11 +25,21 @@ def canary_instruction(token: str) -> str:
 @dataclass
 class CanaryDetector:
     name: str = "canary"
-    _known: dict[str, str] = field(default_factory=dict)  # token -> session id
+    max_canaries: int = 100_000  # oldest forgotten first: memory stays bounded
+    _known: OrderedDict[str, str] = field(default_factory=OrderedDict)  # token -> session id
+    _by_session: dict[str, str] = field(default_factory=dict)
 
     def issue(self, session: str) -> str:
+        """The session's canary (one per session, created on first use)."""
+        existing = self._by_session.get(session)
+        if existing is not None and existing in self._known:
+            return existing
         token = f"ztc-{secrets.token_hex(10)}"
         self._known[token] = session
+        self._by_session[session] = token
+        while len(self._known) > self.max_canaries:
+            _, old_session = self._known.popitem(last=False)
+            self._by_session.pop(old_session, None)
         return token
 
     def session_of(self, token: str) -> str | None:

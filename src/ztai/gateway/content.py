@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from ztai.detect.base import Finding, Source
+from ztai.detect.canary import canary_instruction
 from ztai.detect.inspector import Inspection, Inspector, ScannedText
 from ztai.detect.redact import TokenVault, redact, restore, span_hash
 
@@ -102,6 +103,23 @@ def inspect_request(inspector: Inspector, payload: dict[str, Any]) -> RequestCon
         content.inspection.scanned.append(scanned)
         content.slots.append((container, key, scanned))
     return content
+
+
+def add_canary(payload: dict[str, Any], token: str) -> bytes:
+    """Put the canary into the request's system prompt (a new first message when there is none)."""
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        line = canary_instruction(token)
+        first = messages[0] if messages else None
+        if (
+            isinstance(first, dict)
+            and first.get("role") in _TRUSTED_ROLES
+            and isinstance(first.get("content"), str)
+        ):
+            first["content"] = f"{first['content']}\n\n{line}"
+        else:
+            messages.insert(0, {"role": "system", "content": line})
+    return orjson.dumps(payload)
 
 
 def audit_findings(inspection: Inspection, key: bytes) -> list[dict[str, Any]]:

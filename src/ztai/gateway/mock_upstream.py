@@ -1,7 +1,8 @@
 """A built-in OpenAI-compatible mock provider for demos, tests and benchmarks.
 
 Replies are canned and deterministic. Streaming sends one SSE chunk per word. A message containing
-`[[mock:error]]` gets a 500, `[[mock:sleep:MS]]` waits MS milliseconds first (to exercise timeouts).
+`[[mock:error]]` gets a 500, `[[mock:sleep:MS]]` waits MS milliseconds first (to exercise timeouts),
+`[[mock:leak-system]]` answers with the system prompt (to exercise prompt-leak detection).
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ async def chat_completions(request: Request) -> Response:
         await asyncio.sleep(int(sleep.group(1)) / 1000)
     model = str(payload.get("model", "mock"))
     text = reply_text(prompt)
+    if "[[mock:leak-system]]" in prompt:  # plays a model tricked into revealing its system prompt
+        text = " ".join(
+            str(m.get("content", ""))
+            for m in payload.get("messages", [])
+            if isinstance(m, dict) and m.get("role") == "system"
+        )
     created = int(time.time())
     completion_id = f"chatcmpl-mock{created}"
     if payload.get("stream"):

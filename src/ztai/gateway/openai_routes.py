@@ -19,6 +19,7 @@ from ztai.gateway import metrics
 from ztai.gateway.content import (
     RequestContent,
     StreamFilter,
+    add_canary,
     audit_findings,
     filter_completion,
     filter_sse,
@@ -68,6 +69,9 @@ async def _model_call(request: Request, *, action: str, path: str, required: str
     vault = TokenVault()
     if content is not None:
         body = content.apply(payload, decision.obligations, vault) or body
+    if runtime.canaries is not None and action == "chat":
+        session = request.headers.get("x-ztai-session") or call.decision_id
+        body = add_canary(payload, runtime.canaries.issue(f"{principal.tenant}/{session}"))
     output = _OutputGuard(runtime, request, call, inspectors, vault)
     # Nothing is answered before the decision is durable. If the commit fails, its AuditUnavailable (503)
     # replaces whatever the upstream said: fail closed.

@@ -14,7 +14,9 @@ from cryptography.hazmat.primitives import serialization
 from ztai.audit import AuditLog, AuditWriter
 from ztai.audit.ocsf import OcsfFileExporter
 from ztai.config import Settings
-from ztai.detect.inspector import Inspector
+from ztai.detect.base import Detector
+from ztai.detect.canary import CanaryDetector
+from ztai.detect.inspector import Inspector, load_detector
 from ztai.errors import PolicyError, ZtaiError
 from ztai.gateway.upstream import Upstreams
 from ztai.identity import KeyStore, RevocationList, TokenVerifier
@@ -31,15 +33,17 @@ class RouteInspectors:
     holdback: int
 
 
-def _route_inspectors(settings: Settings) -> dict[str, RouteInspectors]:
+def _route_inspectors(settings: Settings, canaries: CanaryDetector | None) -> dict[str, RouteInspectors]:
     detect = settings.detect
     routes = {"chat": detect.chat, "embed": detect.embeddings}
+    extra: list[Detector] = [canaries] if canaries is not None else []
+
+    def inspector(names: list[str]) -> Inspector | None:
+        detectors = [load_detector(name) for name in names if name != "canary"] + extra
+        return Inspector([], detectors=detectors) if detectors else None
+
     return {
-        action: RouteInspectors(
-            Inspector(route.input) if route.input else None,
-            Inspector(route.output) if route.output else None,
-            detect.stream_holdback_chars,
-        )
+        action: RouteInspectors(inspector(route.input), inspector(route.output), detect.stream_holdback_chars)
         for action, route in routes.items()
     }
 
@@ -57,6 +61,7 @@ class Runtime:
     upstreams: Upstreams
     inspectors: dict[str, RouteInspectors]  # by action
     finding_key: bytes  # keys the hashes of finding values in audit records
+    canaries: CanaryDetector | None  # shared by the requests' system prompts and the scans
     _refresher: asyncio.Task[None] | None = None
 
     @classmethod
@@ -89,6 +94,7 @@ class Runtime:
         raw_audit_key = keys.audit.private_key.private_bytes(
             serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
         )
+        canaries = CanaryDetector() if settings.detect.canaries else None
         finding_key = hashlib.sha256(b"ztai finding hash\0" + raw_audit_key).digest()
         return cls(
             settings,
@@ -100,8 +106,9 @@ class Runtime:
             audit_log,
             audit,
             upstreams,
-            _route_inspectors(settings),
+            _route_inspectors(settings, canaries),
             finding_key,
+            canaries,
         )
 
     async def start(self) -> None:
