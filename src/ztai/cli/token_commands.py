@@ -38,6 +38,7 @@ def _issue(config: Path, subject: str, ttl: int | None, claims: list[str]) -> st
     settings = settings_for(config)
     database, keys, audit_log = open_audit_log(settings)
     try:
+        extra_claims = parse_claims(claims)
         issued = issue_token(
             keys,
             subject=subject,
@@ -45,7 +46,7 @@ def _issue(config: Path, subject: str, ttl: int | None, claims: list[str]) -> st
             audience=settings.identity.audience,
             ttl_seconds=ttl if ttl is not None else settings.identity.default_ttl_seconds,
             max_ttl_seconds=settings.identity.max_ttl_seconds,
-            claims=parse_claims(claims),
+            claims=extra_claims,
         )
         # Durable before the token is handed out: no unrecorded credentials.
         audit_log.append(
@@ -58,7 +59,7 @@ def _issue(config: Path, subject: str, ttl: int | None, claims: list[str]) -> st
                         "jti": issued.jti,
                         "expires_at": issued.expires_at,
                         "token_kind": issued.kind,
-                        "claims": sorted(parse_claims(claims)),
+                        "claims": sorted(extra_claims),
                         "by": "cli",
                     },
                 )

@@ -50,14 +50,15 @@ class Inspection:
 
     def context(self) -> dict[str, Any]:
         """The `context.content` record for Cedar (scores as integer percent: Cedar has no floats)."""
-        injection = [f for f in self.findings if f.detector == "injection"]
+        findings = self.findings
+        injection = [f for f in findings if f.detector == "injection"]
         return {
             "injection_score": max((round(f.score * 100) for f in injection), default=0),
             "injection_flagged": bool(injection),
-            "pii_types": sorted({f.type for f in self.findings if f.detector == "pii"}),
-            "secret_types": sorted({f.type for f in self.findings if f.detector == "secrets"}),
-            "obfuscation": sorted({f.type for f in self.findings if f.detector == "obfuscation"}),
-            "canary": any(f.detector == "canary" for f in self.findings),
+            "pii_types": sorted({f.type for f in findings if f.detector == "pii"}),
+            "secret_types": sorted({f.type for f in findings if f.detector == "secrets"}),
+            "obfuscation": sorted({f.type for f in findings if f.detector == "obfuscation"}),
+            "canary": any(f.detector == "canary" for f in findings),
         }
 
 
@@ -80,7 +81,3 @@ class Inspector:
             if text:
                 inspection.scanned.append(ScannedText(source, text, self.scan(text, source)))
         return inspection
-
-
-def empty_content() -> dict[str, Any]:
-    return Inspection().context()

@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 
 import orjson
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -134,4 +133,4 @@ def app_from_environment() -> Starlette:
     return create_app(with_upstreams(settings, extra))
 
 
-__all__ = ["HTTPException", "app_from_environment", "create_app"]
+__all__ = ["app_from_environment", "create_app"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -29,6 +30,7 @@ from ztai.gateway.pipeline import (
     Call,
     admit,
     authenticate,
+    collect_context,
     decide_call,
     enforce,
     parse_json_object,
@@ -37,7 +39,7 @@ from ztai.gateway.pipeline import (
 from ztai.gateway.responses import JSONResponse
 from ztai.gateway.runtime import RouteInspectors, Runtime
 from ztai.gateway.upstream import Upstream, passed_headers, relay
-from ztai.policy import default_context, principal_request, token_context
+from ztai.policy import principal_request
 
 MAX_MODEL_NAME = 256
 
@@ -156,14 +158,8 @@ class _OutputGuard:
         """True when the output must be redacted; raises PermissionDenied when it must be refused."""
         if not inspection.findings:
             return False
-        output_call = Call(
-            self._call.route,
-            self._call.action,
-            self._call.resource_type,
-            self._call.resource_id,
-            body=self._call.body,
-            payload=self._call.payload,
-            principal=self._call.principal,
+        output_call = dataclasses.replace(
+            self._call,
             content=inspection.context(),
             findings=audit_findings(inspection, self._runtime.finding_key),
         )
@@ -221,12 +217,7 @@ async def list_models(request: Request) -> Response:
     """Only the models the caller may use (each checked against policy as a `chat` request)."""
     runtime: Runtime = request.app.state.runtime
     principal = await authenticate(runtime, request)
-    context = default_context()
-    context.update(
-        tenant=principal.tenant,
-        principal_kind=principal.kind,
-        token=token_context(principal.claims, principal.issuer),
-    )
+    context = collect_context(Call("/models", "chat", "Model", "", principal=principal), request)
     names = sorted(runtime.upstreams.by_model)
     requests = [
         principal_request(principal.spiffe_id, principal.kind, "chat", "Model", n, context) for n in names

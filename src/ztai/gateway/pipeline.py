@@ -221,11 +221,3 @@ def enforce(call: Call) -> None:
         raise PermissionDenied(
             f"{call.action} on {call.resource_id} denied by policy", decision_id=call.decision_id
         )
-
-
-async def authorize(runtime: Runtime, request: Request, call: Call) -> Call:
-    """Decide, make the decision durable, then enforce it: the strict sequence for routes that act."""
-    decide_call(runtime, request, call)
-    await start_recording(runtime, call)
-    enforce(call)
-    return call
