@@ -43,6 +43,16 @@ class StoreSettings(_Section):
     url: str = ""  # empty: SQLite file `ztai.db` inside data_dir
     sqlite_synchronous: Literal["NORMAL", "FULL"] = "FULL"
     pool_size: int = Field(5, ge=1, le=100)
+    # Shared fast state for several replicas: agent sessions, task revocations (pub/sub). Empty:
+    # in-process state (one process) and revocations shared through the database by polling.
+    redis_url: str = ""
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
 
 
 class ExternalIssuerSettings(_Section):
@@ -141,6 +151,62 @@ class DetectSettings(_Section):
     canaries: bool = False
 
 
+class ToolSettings(_Section):
+    """Operator overrides for one MCP tool's annotations (they win over what the server declares)."""
+
+    read_only: bool | None = None
+    destructive: bool | None = None
+    open_world: bool | None = None
+    idempotent: bool | None = None
+    # Arguments whose values name who or where data goes (recipients, accounts, URLs, paths).
+    sensitive_arguments: list[str] | None = None
+
+
+class McpServerSettings(_Section):
+    """An upstream MCP server proxied at /mcp/<name> (streamable HTTP transport)."""
+
+    url: str
+    api_key_env: str = ""  # environment variable with a bearer token for the upstream; never the token
+    timeout_seconds: float = Field(30.0, gt=0)
+    max_response_bytes: int = Field(4 * 1_048_576, ge=1024, le=64 * 1_048_576)
+    # Results of this server's tools are trusted content (e.g. an internal, curated system). Default:
+    # untrusted unless a tool says `openWorldHint: false`.
+    trusted: bool = False
+    tools: dict[str, ToolSettings] = {}
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class AgentSettings(_Section):
+    """Agents under zero trust (ztai.agents): task tokens, MCP gateway, session taint, approvals."""
+
+    default_task_ttl_seconds: int = Field(900, ge=1)
+    max_task_ttl_seconds: int = Field(3600, ge=1)
+    max_delegation_depth: int = Field(4, ge=1, le=16)
+    approval_ttl_seconds: int = Field(3600, ge=1)
+    # Injection probability from which a window of untrusted content counts as suspicious for value
+    # provenance (context.tool.args_from_suspicious). The session-level flag uses the detector's own
+    # calibrated threshold.
+    suspicion_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    session_ttl_seconds: int = Field(7200, ge=60)
+    max_session_values: int = Field(50_000, ge=100)
+    mcp_servers: dict[str, McpServerSettings] = {}
+
+    @model_validator(mode="after")
+    def _ttl_order(self) -> AgentSettings:
+        if self.default_task_ttl_seconds > self.max_task_ttl_seconds:
+            raise ValueError("default_task_ttl_seconds must not exceed max_task_ttl_seconds")
+        bad = [name for name in self.mcp_servers if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name)]
+        if bad:
+            raise ValueError(f"MCP server names must be letters, digits, '.', '-' or '_': {bad}")
+        return self
+
+
 class UpstreamSettings(_Section):
     base_url: str
     api_key_env: str = ""  # name of the environment variable holding the key; never the key itself
@@ -173,6 +239,7 @@ class Settings(BaseSettings):
     policy: PolicySettings = PolicySettings()
     audit: AuditSettings = AuditSettings()
     detect: DetectSettings = DetectSettings()
+    agents: AgentSettings = AgentSettings()
     upstreams: dict[str, UpstreamSettings] = {}
 
     # Where the settings came from; relative paths resolve against it. Not a setting itself.

@@ -49,6 +49,16 @@ class StepUpRequired(PermissionDenied):
     code = "step_up_required"
 
 
+class ApprovalRequired(PermissionDenied):
+    """Policy holds the call for a human decision; the error names the approval to ask for."""
+
+    code = "approval_required"
+
+    def __init__(self, message: str, *, decision_id: str, approval_id: str) -> None:
+        super().__init__(message, decision_id=decision_id)
+        self.approval_id = approval_id
+
+
 class NotFound(ZtaiError):
     status = 404
     type = "invalid_request_error"

@@ -8,7 +8,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ztai.errors import PermissionDenied, ZtaiError
+from ztai.errors import ApprovalRequired, PermissionDenied, ZtaiError
 
 log = logging.getLogger("ztai.gateway")
 
@@ -30,6 +30,8 @@ def error_response(error: ZtaiError) -> JSONResponse:
     if isinstance(error, PermissionDenied):
         extra["decision_id"] = error.decision_id
         headers["x-ztai-decision-id"] = error.decision_id
+    if isinstance(error, ApprovalRequired):
+        extra["approval_id"] = error.approval_id
     if error.status == 401:
         headers["www-authenticate"] = 'Bearer realm="ztai"'
     body = error_body(error.message, error.type, error.code, **extra)

@@ -29,6 +29,38 @@ def default_context() -> dict[str, Any]:
             "obfuscation": [],
             "canary": False,
         },
+        "delegation": {"task": "", "depth": 0, "subject": "", "actor": "", "actors": []},
+        "session": {
+            "tainted": False,
+            "flagged": False,
+            "max_injection_score": 0,
+            "untrusted_sources": [],
+            "calls": 0,
+        },
+        "tool": {
+            "server": "",
+            "name": "",
+            "granted": False,
+            "read_only": False,
+            "destructive": True,
+            "open_world": True,
+            "idempotent": False,
+            "inferred": True,
+            "sensitive_args": [],
+            "args_from_untrusted": [],
+            "args_from_suspicious": [],
+            "args_unseen": [],
+            "egress_hosts": [],
+        },
+        "exchange": {
+            "tools": [],
+            "unlisted_tools": [],
+            "egress": [],
+            "delegated": False,
+            "depth": 0,
+            "ttl_seconds": 0,
+        },
+        "input": {},
     }
 
 

@@ -2,8 +2,9 @@
 
 Policies are `*.cedar` files in one directory. A load parses and validates all of them against the
 schema; a reload that fails leaves the previous set active. Annotations give ztai's extra vocabulary:
-`@id("...")` names a policy in reasons, `@effect("step_up")` on a forbid turns its denial into a step-up,
-and `@obligation("...")` on a permit adds an obligation to the allow.
+`@id("...")` names a policy in reasons, `@effect("step_up")` or `@effect("require_approval")` on a forbid
+turns its denial into a step-up or a hold for human approval, and `@obligation("...")` on a permit adds an
+obligation to the allow (`@obligation("require_approval")` holds the call, like the forbid form).
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ SCHEMA_PATH = Path(__file__).parent / "schema.cedarschema"
 DEFAULTS_DIR = Path(__file__).parent / "defaults"
 DEFAULT_DENY = "default-deny"
 
-Effect = Literal["allow", "deny", "step_up", "allow_with_obligations"]
+Effect = Literal["allow", "deny", "step_up", "require_approval", "allow_with_obligations"]
+# Effects a forbid may carry (`@effect(...)`) instead of a flat denial, weakest first: when several
+# forbids match, a plain one denies, else the strongest of these wins.
+SOFT_EFFECTS: tuple[Effect, ...] = ("step_up", "require_approval")
 ENTITY_TYPES = {"user": "User", "agent": "Agent", "service": "Service", "model": "Model"}
 
 
@@ -209,8 +213,13 @@ def _explain(result: Any, bundle: PolicyBundle) -> Decision:
             }
         )
         effect: Effect = "allow_with_obligations" if obligations else "allow"
+        if "require_approval" in obligations:
+            effect = "require_approval"
         return Decision(effect, reasons, [], obligations, bundle.revision)
     if not reasons:
         return Decision("deny", [DEFAULT_DENY], [], [], bundle.revision)
-    step_up = all(bundle.annotations[r].get("effect") == "step_up" for r in diagnostics.reasons)
-    return Decision("step_up" if step_up else "deny", reasons, [], [], bundle.revision)
+    soft = [bundle.annotations[r].get("effect") for r in diagnostics.reasons]
+    if not all(effect in SOFT_EFFECTS for effect in soft):
+        return Decision("deny", reasons, [], [], bundle.revision)
+    strongest = max(soft, key=lambda effect: SOFT_EFFECTS.index(effect))  # type: ignore[arg-type]
+    return Decision(strongest, reasons, [], [], bundle.revision)  # type: ignore[arg-type]

@@ -52,3 +52,40 @@ class RevokedToken(Base):
     reason: Mapped[str] = mapped_column(String(500), default="")
 
     __table_args__ = (Index("ix_revoked_tokens_revoked_at", "revoked_at"),)
+
+
+class RevokedTask(Base):
+    """A revoked agent task: every token of the task and of its sub-tasks is refused."""
+
+    __tablename__ = "revoked_tasks"
+
+    tenant: Mapped[str] = mapped_column(String(255), primary_key=True)
+    task_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    revoked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    reason: Mapped[str] = mapped_column(String(500), default="")
+
+    __table_args__ = (Index("ix_revoked_tasks_revoked_at", "revoked_at"),)
+
+
+class Approval(Base):
+    """A tool call held for a human decision (`require_approval`). The arguments are kept only as a
+    keyed hash (to match the retried call) and a redacted preview."""
+
+    __tablename__ = "approvals"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(255), index=True)
+    task_id: Mapped[str] = mapped_column(String(64), index=True)
+    principal: Mapped[str] = mapped_column(String(2048))
+    server: Mapped[str] = mapped_column(String(255))
+    tool: Mapped[str] = mapped_column(String(255))
+    call_hash: Mapped[str] = mapped_column(String(64), index=True)
+    preview: Mapped[str] = mapped_column(String(2000), default="")
+    reasons: Mapped[str] = mapped_column(String(4000), default="")  # JSON list of policy ids / reasons
+    decision_id: Mapped[str] = mapped_column(String(64), default="")
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending | approved | denied | used
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    decided_by: Mapped[str] = mapped_column(String(2048), default="")

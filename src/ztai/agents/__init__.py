@@ -1,0 +1,1 @@
+"""Agents under zero trust: task grants, tool annotations, session taint and value provenance."""

@@ -1,0 +1,351 @@
+"""Task grants: what a task token lets an agent do, and how a grant shrinks when it is delegated.
+
+A grant names tools per MCP server (`"<server>/<tool>"`, or `"<server>/*"`), argument constraints per
+tool, the hosts URL-valued arguments may reach, and a budget (tool calls, model tokens). It travels in the
+task token's claims. `attenuate(parent, request)` builds a sub-agent's grant: every part is intersected
+with the parent's and a request for anything broader is refused with `GrantError` naming it, so a
+delegated grant is never wider than the one it came from.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from ztai.errors import ZtaiError
+
+MAX_TOOLS = 256
+MAX_HOSTS = 64
+MAX_CONSTRAINTS = 256
+MAX_PATTERN_LENGTH = 256
+MAX_ENUM = 256
+MAX_PATTERN_INPUT = 4096
+BUDGET_KINDS = ("calls", "tokens")
+CONSTRAINT_KINDS = ("enum", "pattern", "prefix", "min", "max", "max_length", "hosts")
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}/(\*|[A-Za-z0-9._:-]{1,128})$")
+_HOST = re.compile(r"^(\*|(\*\.)?[a-z0-9-]+(\.[a-z0-9-]+)*)$")
+_URL_IN_TEXT = re.compile(
+    r"(?<![@\w.-])(?:https?://[^\s\"'<>]+|\bwww\.[^\s\"'<>]+|\b[a-z0-9-]+(?:\.[a-z0-9-]+)*\.(?:com|org|net|io|dev|ai|co|app|"
+    r"info|biz|xyz|me|us|uk|de|fr|eu|gov|edu)(?:/[^\s\"'<>]*)?)",
+    re.IGNORECASE,
+)
+
+
+class GrantError(ZtaiError):
+    """A grant request that is malformed or asks for more than the parent grant allows."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_scope"
+
+
+Constraint = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TaskGrant:
+    """The tools, argument constraints, egress hosts and budget of one task."""
+
+    tools: tuple[str, ...] = ()
+    constraints: dict[str, dict[str, list[Constraint]]] = field(default_factory=dict)
+    egress: tuple[str, ...] = ()
+    budget: dict[str, int] = field(default_factory=dict)
+
+    # Claims -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_claims(cls, claims: Mapping[str, Any]) -> TaskGrant:
+        """The grant of a task token (its claims were signed by ztai, so they are trusted as written)."""
+        return cls(
+            tools=tuple(str(t) for t in claims.get("tools") or ()),
+            constraints={k: {a: list(c) for a, c in v.items()} for k, v in (claims.get("constraints") or {}).items()},
+            egress=tuple(str(h) for h in claims.get("egress") or ()),
+            budget={k: int(v) for k, v in (claims.get("budget") or {}).items()},
+        )
+
+    def to_claims(self) -> dict[str, Any]:
+        claims: dict[str, Any] = {"tools": list(self.tools)}
+        if self.constraints:
+            claims["constraints"] = self.constraints
+        claims["egress"] = list(self.egress)
+        if self.budget:
+            claims["budget"] = dict(self.budget)
+        return claims
+
+    # Questions ---------------------------------------------------------------------------------------
+    def allows_tool(self, server: str, tool: str) -> bool:
+        return f"{server}/{tool}" in self.tools or f"{server}/*" in self.tools
+
+    def constraints_for(self, server: str, tool: str) -> dict[str, list[Constraint]]:
+        merged: dict[str, list[Constraint]] = {}
+        for key in (f"{server}/*", f"{server}/{tool}"):
+            for argument, rules in self.constraints.get(key, {}).items():
+                merged.setdefault(argument, []).extend(rules)
+        return merged
+
+    def allows_host(self, host: str) -> bool:
+        return any(host_covered(host, pattern) for pattern in self.egress)
+
+    def check_call(self, server: str, tool: str, arguments: Mapping[str, Any]) -> list[str]:
+        """Why this call is outside the grant (empty: inside). Reasons name the part, never a value."""
+        if not self.allows_tool(server, tool):
+            return [f"tool {server}/{tool} is not granted to this task"]
+        problems = check_arguments(self.constraints_for(server, tool), arguments)
+        for host in sorted(url_hosts(arguments)):
+            if not self.allows_host(host):
+                problems.append(f"egress to host {host} is not granted to this task")
+        return problems
+
+
+@dataclass(frozen=True)
+class GrantRequest:
+    """What an exchange asks for (RFC 9396 authorization details of type `ztai_task`); None: inherit."""
+
+    tools: tuple[str, ...] | None = None
+    constraints: dict[str, dict[str, list[Constraint]]] = field(default_factory=dict)
+    egress: tuple[str, ...] | None = None
+    budget: dict[str, int] | None = None
+    ttl_seconds: int | None = None
+
+    @classmethod
+    def parse(cls, details: Any) -> GrantRequest:
+        """Validate `authorization_details` (one object, or a list holding one `ztai_task` object)."""
+        if isinstance(details, list):
+            tasks = [d for d in details if isinstance(d, dict) and d.get("type") == "ztai_task"]
+            if len(tasks) != 1 or len(details) != 1:
+                raise GrantError("authorization_details must hold exactly one object of type ztai_task")
+            details = tasks[0]
+        if not isinstance(details, dict):
+            raise GrantError("authorization_details must be a JSON object or a list with one object")
+        unknown = set(details) - {"type", "tools", "constraints", "egress", "budget", "ttl_seconds"}
+        if unknown:
+            raise GrantError(f"unknown authorization_details fields: {', '.join(sorted(unknown))}")
+        return cls(
+            tools=_tool_names(details["tools"]) if "tools" in details else None,
+            constraints=_constraints(details.get("constraints") or {}),
+            egress=_hosts(details["egress"]) if "egress" in details else None,
+            budget=_budget(details["budget"]) if "budget" in details else None,
+            ttl_seconds=_positive_int(details["ttl_seconds"], "ttl_seconds") if "ttl_seconds" in details else None,
+        )
+
+
+def attenuate(parent: TaskGrant | None, request: GrantRequest) -> TaskGrant:
+    """The grant for a new (sub-)task: the request intersected with `parent` (None: a root task, whose
+    bounds are the subject token's, checked by policy). Raises GrantError naming anything broader."""
+    if parent is None:
+        return TaskGrant(
+            tools=request.tools or (),
+            constraints=request.constraints,
+            egress=request.egress or (),
+            budget=request.budget or {},
+        )
+    tools = parent.tools if request.tools is None else request.tools
+    wider_tools = [t for t in tools if not _tool_covered(t, parent.tools)]
+    if wider_tools:
+        raise GrantError(f"requested tools exceed the parent task's grant: {', '.join(sorted(wider_tools))}")
+    egress = parent.egress if request.egress is None else request.egress
+    wider_hosts = [h for h in egress if not any(host_covered(h, p) for p in parent.egress)]
+    if wider_hosts:
+        raise GrantError(f"requested egress exceeds the parent task's grant: {', '.join(sorted(wider_hosts))}")
+    budget = dict(parent.budget)
+    for kind, amount in (request.budget or {}).items():
+        if kind in parent.budget and amount > parent.budget[kind]:
+            raise GrantError(f"requested {kind} budget {amount} exceeds the parent task's {parent.budget[kind]}")
+        budget[kind] = amount
+    constraints: dict[str, dict[str, list[Constraint]]] = {
+        key: {argument: list(rules) for argument, rules in by_argument.items()}
+        for key, by_argument in parent.constraints.items()
+    }
+    for key, by_argument in request.constraints.items():  # constraints only add up: always narrower
+        for argument, rules in by_argument.items():
+            constraints.setdefault(key, {}).setdefault(argument, []).extend(rules)
+    return TaskGrant(tools=tuple(tools), constraints=constraints, egress=tuple(egress), budget=budget)
+
+
+def unlisted_tools(requested: Iterable[str], listed: Iterable[str]) -> list[str]:
+    """Requested tools that a subject token's `tools` claim does not cover (`*` covers all)."""
+    allowed = tuple(listed)
+    if "*" in allowed:
+        return []
+    return sorted(t for t in requested if not _tool_covered(t, allowed))
+
+
+# Argument constraints -------------------------------------------------------------------------------
+def check_arguments(constraints: Mapping[str, list[Constraint]], arguments: Mapping[str, Any]) -> list[str]:
+    """The constraint violations of `arguments`, one line each (an argument absent from the call is not
+    constrained: required arguments are the tool's business). List values are checked item by item."""
+    problems: list[str] = []
+    for argument, rules in constraints.items():
+        if argument not in arguments:
+            continue
+        value = arguments[argument]
+        items = value if isinstance(value, list) else [value]
+        for rule in rules:
+            kind = next(iter(rule))
+            if not all(_satisfies(item, kind, rule[kind]) for item in items):
+                problems.append(f"argument {argument!r} violates constraint {kind}")
+    return problems
+
+
+def _satisfies(value: Any, kind: str, bound: Any) -> bool:
+    if kind == "enum":
+        return value in bound
+    if kind in ("min", "max"):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        return bool(value >= bound if kind == "min" else value <= bound)
+    text = value if isinstance(value, str) else str(value)
+    if kind == "pattern":
+        # Bounded input: patterns are short (parse() caps them) and so are the values they may match.
+        return len(text) <= MAX_PATTERN_INPUT and re.fullmatch(bound, text) is not None
+    if kind == "prefix":
+        return text.startswith(bound)
+    if kind == "max_length":
+        return len(text) <= bound
+    if kind == "hosts":
+        host = _host_of(text)
+        return host is not None and any(host_covered(host, pattern) for pattern in bound)
+    return False  # unknown kinds never pass (they cannot be created: parse() refuses them)
+
+
+# Hosts ------------------------------------------------------------------------------------------------
+def host_covered(host: str, pattern: str) -> bool:
+    """`*` covers every host; `*.example.com` covers its subdomains (and narrower wildcards of them)."""
+    host, pattern = host.lower(), pattern.lower()
+    if pattern == "*":
+        return True
+    if pattern.startswith("*."):
+        suffix = pattern[1:]
+        return host.endswith(suffix) and len(host) > len(suffix)
+    return host == pattern
+
+
+def url_hosts(arguments: Any) -> set[str]:
+    """Hosts named by URL-like strings anywhere in the arguments (nested values and free text)."""
+    hosts: set[str] = set()
+    for text in _strings(arguments):
+        for match in _URL_IN_TEXT.finditer(text[:100_000]):
+            host = _host_of(match.group(0))
+            if host:
+                hosts.add(host)
+    return hosts
+
+
+def _host_of(text: str) -> str | None:
+    candidate = text.strip()
+    if "://" not in candidate:
+        candidate = "http://" + candidate
+    try:
+        host = urlsplit(candidate).hostname
+    except ValueError:
+        return None
+    return host.lower().rstrip(".") if host else None
+
+
+def _strings(value: Any, depth: int = 0) -> Iterable[str]:
+    if depth > 32:
+        return
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _strings(item, depth + 1)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _strings(item, depth + 1)
+
+
+# Validation of requests -------------------------------------------------------------------------------
+def _tool_covered(tool: str, allowed: Iterable[str]) -> bool:
+    server = tool.split("/", 1)[0]
+    return any(entry in (tool, f"{server}/*", "*") for entry in allowed)
+
+
+def _tool_names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > MAX_TOOLS:
+        raise GrantError(f"tools must be a list of at most {MAX_TOOLS} '<server>/<tool>' names")
+    for name in value:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise GrantError(f"tool name {str(name)[:80]!r} must look like '<server>/<tool>' or '<server>/*'")
+    return tuple(dict.fromkeys(value))
+
+
+def _hosts(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > MAX_HOSTS:
+        raise GrantError(f"egress must be a list of at most {MAX_HOSTS} host names")
+    hosts = []
+    for host in value:
+        if not isinstance(host, str) or not _HOST.match(host.lower()):
+            raise GrantError(f"egress host {str(host)[:80]!r} must be a host name, '*.domain' or '*'")
+        hosts.append(host.lower())
+    return tuple(dict.fromkeys(hosts))
+
+
+def _budget(value: Any) -> dict[str, int]:
+    if not isinstance(value, dict) or set(value) - set(BUDGET_KINDS):
+        raise GrantError(f"budget must be an object with {' and/or '.join(BUDGET_KINDS)}")
+    return {kind: _positive_int(amount, f"budget.{kind}") for kind, amount in value.items()}
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise GrantError(f"{name} must be a positive integer")
+    return value
+
+
+def _constraints(value: Any) -> dict[str, dict[str, list[Constraint]]]:
+    if not isinstance(value, dict):
+        raise GrantError("constraints must map '<server>/<tool>' to {argument: [constraint, ...]}")
+    result: dict[str, dict[str, list[Constraint]]] = {}
+    count = 0
+    for tool, by_argument in value.items():
+        _tool_names([tool])
+        if not isinstance(by_argument, dict):
+            raise GrantError(f"constraints for {tool} must map argument names to constraint lists")
+        for argument, rules in by_argument.items():
+            rules = rules if isinstance(rules, list) else [rules]
+            checked = [_constraint(rule, f"{tool}.{argument}") for rule in rules]
+            count += len(checked)
+            result.setdefault(tool, {})[str(argument)[:128]] = checked
+    if count > MAX_CONSTRAINTS:
+        raise GrantError(f"at most {MAX_CONSTRAINTS} constraints")
+    return result
+
+
+def _constraint(rule: Any, where: str) -> Constraint:
+    if not isinstance(rule, dict) or len(rule) != 1 or next(iter(rule)) not in CONSTRAINT_KINDS:
+        raise GrantError(f"constraint on {where} must be one of {{{', '.join(CONSTRAINT_KINDS)}: ...}}")
+    kind, bound = next(iter(rule.items()))
+    if kind == "enum":
+        if not isinstance(bound, list) or len(bound) > MAX_ENUM:
+            raise GrantError(f"enum on {where} must be a list of at most {MAX_ENUM} values")
+    elif kind in ("min", "max"):
+        if isinstance(bound, bool) or not isinstance(bound, int | float):
+            raise GrantError(f"{kind} on {where} must be a number")
+    elif kind == "max_length":
+        _positive_int(bound, f"max_length on {where}")
+    elif kind == "hosts":
+        bound = list(_hosts(bound))
+    else:  # pattern, prefix
+        if not isinstance(bound, str) or len(bound) > MAX_PATTERN_LENGTH:
+            raise GrantError(f"{kind} on {where} must be a string of at most {MAX_PATTERN_LENGTH} characters")
+        if kind == "pattern":
+            try:
+                re.compile(bound)
+            except re.error as exc:
+                raise GrantError(f"pattern on {where} is not a valid regular expression: {exc}") from None
+    return {kind: bound}
+
+
+__all__ = [
+    "GrantError",
+    "GrantRequest",
+    "TaskGrant",
+    "attenuate",
+    "check_arguments",
+    "host_covered",
+    "unlisted_tools",
+    "url_hosts",
+]
