@@ -1,1 +1,1 @@
-"""Agents under zero trust: task grants, tool annotations, session taint and value provenance."""
+"""Agents under zero trust: tool annotations, session taint and value provenance, tool-call decisions."""

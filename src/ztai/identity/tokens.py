@@ -13,7 +13,11 @@ from ztai.errors import MalformedRequest
 from ztai.identity.keys import KeyStore
 from ztai.identity.spiffe_ids import parse_spiffe_id
 
-RESERVED_CLAIMS = frozenset({"iss", "sub", "aud", "exp", "iat", "nbf", "jti", "kind", "tenant"})
+# Set by ztai only: the registered claims, and the task claims a token exchange adds (task_tokens.py).
+TASK_CLAIM_NAMES = frozenset({"task", "task_chain", "act", "constraints", "egress", "budget"})
+RESERVED_CLAIMS = (
+    frozenset({"iss", "sub", "aud", "exp", "iat", "nbf", "jti", "kind", "tenant"}) | TASK_CLAIM_NAMES
+)
 # Claims that are always sets of strings, even with one value (so policies can use `.contains`).
 LIST_CLAIMS = frozenset({"models", "groups", "scopes", "tools", "roles"})
 MAX_CUSTOM_CLAIMS = 32
@@ -80,15 +84,22 @@ def issue_token(
     ttl_seconds: int,
     max_ttl_seconds: int,
     claims: dict[str, Any] | None = None,
+    task: dict[str, Any] | None = None,
     now: float | None = None,
 ) -> IssuedToken:
-    """Sign a token for `subject` (a SPIFFE ID) valid for `ttl_seconds` (at most `max_ttl_seconds`)."""
+    """Sign a token for `subject` (a SPIFFE ID) valid for `ttl_seconds` (at most `max_ttl_seconds`).
+
+    `task` holds the task claims of a token exchange (TASK_CLAIM_NAMES only); nobody else can set them."""
     workload = parse_spiffe_id(subject)
     if not 0 < ttl_seconds <= max_ttl_seconds:
         raise MalformedRequest(f"ttl must be between 1 and {max_ttl_seconds} seconds")
     extra = dict(claims or {})
     if RESERVED_CLAIMS & extra.keys():
         raise MalformedRequest(f"claims {sorted(RESERVED_CLAIMS & extra.keys())} are set by ztai")
+    if task is not None:
+        if set(task) - TASK_CLAIM_NAMES:
+            raise MalformedRequest(f"not task claims: {sorted(set(task) - TASK_CLAIM_NAMES)}")
+        extra.update(task)
     issued_at = int(now if now is not None else time.time())
     jti = secrets.token_hex(16)  # hex: never starts with "-", which a CLI would read as an option
     payload = {
