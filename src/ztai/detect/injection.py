@@ -393,6 +393,24 @@ def analyze(text: str, source: str, model: InjectionModel) -> Analysis:
     )
 
 
+def window_scores(text: str, source: str, model: InjectionModel) -> list[tuple[int, int, float]]:
+    """Every scored window of `text` as (start, end, probability), spans in the ORIGINAL text. Used to
+    find which parts of a long document look like instructions (value provenance in ztai.agents)."""
+    normalized = normalize(text)
+    group = source_group(source)
+    features = featurize(normalized.text, model.config)
+    spans = windows(len(normalized.text), model.config)
+    scored: list[tuple[int, int, float]] = []
+    for start, end in spans:
+        ids = features.ids if len(spans) == 1 else features.window(start, end)[0]
+        probability = model.probability(model.window_logit(ids, group))
+        if len(spans) == 1:
+            scored.append((0, len(text), probability))
+        else:
+            scored.append((*normalized.span_to_original(start, end), probability))
+    return scored
+
+
 _STOP_TEXT = (
     "the a an and or to of in on at for with from by is are was be this that it its as com www http https "
     "org net html you your i me my we our he she they"
@@ -518,6 +536,7 @@ __all__ = [
     "default_model",
     "featurize",
     "source_group",
+    "window_scores",
     "windows",
     "with_group",
 ]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ztai.detect.base import Detector, Finding, Source
+from ztai.detect.redact import span_hash
 from ztai.errors import ConfigError
 
 # name -> (module, class); imported on first use so a deployment only loads what it configures.
@@ -81,3 +82,20 @@ class Inspector:
             if text:
                 inspection.scanned.append(ScannedText(source, text, self.scan(text, source)))
         return inspection
+
+
+def audit_findings(inspection: Inspection, key: bytes) -> list[dict[str, Any]]:
+    """Findings as audit records: detector, type, source, span and a keyed hash — never the value."""
+    return [
+        {
+            "detector": f.detector,
+            "type": f.type,
+            "source": item.source,
+            "start": f.start,
+            "end": f.end,
+            "score": round(f.score, 3),
+            "hash": span_hash(item.text[f.start : f.end], key),
+        }
+        for item in inspection.scanned
+        for f in item.findings
+    ]

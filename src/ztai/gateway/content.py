@@ -19,7 +19,7 @@ import orjson
 from ztai.detect.base import Finding, Source
 from ztai.detect.canary import canary_instruction
 from ztai.detect.inspector import Inspection, Inspector, ScannedText
-from ztai.detect.redact import TokenVault, redact, restore, span_hash
+from ztai.detect.redact import TokenVault, redact, restore
 
 REDACTING_OBLIGATIONS = frozenset({"redact", "tokenize"})
 _ROLE_SOURCES: dict[str, Source] = {
@@ -120,23 +120,6 @@ def add_canary(payload: dict[str, Any], token: str) -> bytes:
         else:
             messages.insert(0, {"role": "system", "content": line})
     return orjson.dumps(payload)
-
-
-def audit_findings(inspection: Inspection, key: bytes) -> list[dict[str, Any]]:
-    """Findings as audit records: detector, type, source, span and a keyed hash — never the value."""
-    return [
-        {
-            "detector": f.detector,
-            "type": f.type,
-            "source": item.source,
-            "start": f.start,
-            "end": f.end,
-            "score": round(f.score, 3),
-            "hash": span_hash(item.text[f.start : f.end], key),
-        }
-        for item in inspection.scanned
-        for f in item.findings
-    ]
 
 
 # Output ------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from ztai.audit.events import identity_event
-from ztai.detect.inspector import Inspection, Inspector
+from ztai.detect.inspector import Inspection, Inspector, audit_findings
 from ztai.detect.redact import TokenVault
 from ztai.errors import MalformedRequest, PermissionDenied, UpstreamError, ZtaiError
 from ztai.gateway import metrics
@@ -21,7 +21,6 @@ from ztai.gateway.content import (
     RequestContent,
     StreamFilter,
     add_canary,
-    audit_findings,
     filter_completion,
     filter_sse,
     inspect_request,

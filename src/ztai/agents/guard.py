@@ -1,0 +1,490 @@
+"""The agent guard: one code path for every proposed tool call and every content an agent reads.
+
+The MCP gateway, `/v1/agents/authorize` + `/v1/agents/observe`, and `ztai agents replay` all call
+`AgentGuard.authorize` and `AgentGuard.observe`:
+
+    authorize: task grant (tools, argument constraints, egress) -> tool profile (annotations) ->
+               value provenance + session state -> Cedar (`tool.call`) -> budget -> approval -> audit
+    observe:   detectors (as tool_output) -> value keys (trusted / untrusted / suspicious) -> session
+               taint -> audit of the findings
+
+The guard knows nothing of HTTP; the audit recorder and the stores are handed in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from ztai.agents.annotations import ToolProfile, tool_profile
+from ztai.agents.provenance import Digest, argument_values, observe_text
+from ztai.agents.session import (
+    FLAG_SUSPICIOUS,
+    FLAG_TRUSTED,
+    FLAG_UNTRUSTED,
+    MemorySessionStore,
+    SessionState,
+    SessionStore,
+)
+from ztai.audit.events import decision_event, identity_event, new_event_id
+from ztai.config import AgentSettings, McpServerSettings, Settings
+from ztai.detect.canary import CanaryDetector
+from ztai.detect.base import Detector
+from ztai.detect.injection import InjectionDetector, InjectionModel
+from ztai.detect.inspector import Inspector, audit_findings
+from ztai.errors import ApprovalRequired, PermissionDenied, PolicyEvaluationError, StepUpRequired
+from ztai.identity.grants import url_hosts
+from ztai.identity.task_tokens import TaskClaims, task_claims
+from ztai.identity.tokens import Principal
+from ztai.policy import Decision, PolicyEngine, default_context, principal_request, token_context
+from ztai.policy.context import clock
+
+Recorder = Callable[[dict[str, Any]], Awaitable[None]]
+MAX_INPUT_DEPTH = 8
+MAX_OBSERVED_CHARS = 1_000_000
+
+
+@dataclass(frozen=True)
+class ToolDecision:
+    """The answer to one proposed tool call."""
+
+    effect: str  # allow | deny | step_up | require_approval | allow_with_obligations
+    reasons: list[str]
+    obligations: list[str]
+    decision_id: str
+    approval_id: str | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.effect in ("allow", "allow_with_obligations")
+
+    def error(self) -> PermissionDenied:
+        """The error a route raises when the call is not allowed."""
+        if self.effect == "require_approval" and self.approval_id:
+            return ApprovalRequired(
+                f"tool call held for approval {self.approval_id}: ask an operator to run "
+                f"`ztai approvals approve {self.approval_id}`, then retry the same call",
+                decision_id=self.decision_id,
+                approval_id=self.approval_id,
+            )
+        if self.effect == "require_approval":
+            return PermissionDenied(
+                "tool call requires approval", decision_id=self.decision_id, code="approval_required"
+            )
+        if self.effect == "step_up":
+            return StepUpRequired("step-up authentication required for this call", decision_id=self.decision_id)
+        return PermissionDenied("tool call denied by policy", decision_id=self.decision_id)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "decision_id": self.decision_id,
+            "effect": self.effect,
+            "reasons": self.reasons,
+            "obligations": self.obligations,
+            "approval_id": self.approval_id,
+        }
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What observing one content item found and did to the session."""
+
+    event_id: str
+    trusted: bool
+    flagged: bool
+    injection_score: int
+    findings: list[dict[str, Any]]
+    session: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "observation_id": self.event_id,
+            "trusted": self.trusted,
+            "flagged": self.flagged,
+            "injection_score": self.injection_score,
+            "findings": self.findings,
+            "session": self.session,
+        }
+
+
+class Approvals(Protocol):
+    """The slice of `ztai.agents.approvals.ApprovalStore` the guard uses (synchronous: run in a thread)."""
+
+    def request(
+        self,
+        *,
+        tenant: str,
+        task_id: str,
+        principal: str,
+        server: str,
+        tool: str,
+        call_hash: str,
+        preview: str,
+        reasons: list[str],
+        decision_id: str,
+        ttl_seconds: int,
+    ) -> Any: ...
+
+    def consume(self, *, tenant: str, task_id: str, call_hash: str) -> str | None: ...
+
+
+@dataclass
+class AgentGuard:
+    settings: AgentSettings
+    issuer: str
+    policy: PolicyEngine
+    record: Recorder  # makes an audit event durable (raises to fail closed)
+    sessions: SessionStore
+    inspector: Inspector  # detectors for tool output (findings -> audit and session flag)
+    injection: InjectionModel | None  # for suspicious windows (value provenance)
+    key: bytes  # deployment secret: value-key hashes, call hashes
+    approvals: Approvals | None = None
+    canaries: CanaryDetector | None = None
+    preview: Callable[[Mapping[str, Any]], str] | None = None
+    _tools: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # server -> name -> def
+
+    @classmethod
+    def build(
+        cls,
+        settings: Settings,
+        policy: PolicyEngine,
+        record: Recorder,
+        key: bytes,
+        *,
+        sessions: SessionStore | None = None,
+        approvals: Approvals | None = None,
+        canaries: CanaryDetector | None = None,
+        preview: Callable[[Mapping[str, Any]], str] | None = None,
+    ) -> AgentGuard:
+        """A guard with the configured detectors for tool output and an in-process session store unless
+        another (Redis) is given."""
+        agents = settings.agents
+        inspector = Inspector(["injection", "secrets"])
+        injection = next(d for d in inspector.detectors if isinstance(d, InjectionDetector))
+        extra: list[Detector] = [canaries] if canaries is not None else []
+        inspector = Inspector([], detectors=[*inspector.detectors, *extra])
+        store = sessions or MemorySessionStore(
+            ttl_seconds=agents.session_ttl_seconds, max_values=agents.max_session_values
+        )
+        return cls(
+            agents,
+            settings.issuer,
+            policy,
+            record,
+            store,
+            inspector,
+            injection.model,
+            key,
+            approvals=approvals,
+            canaries=canaries,
+            preview=preview,
+        )
+
+    def __post_init__(self) -> None:
+        self._digest = Digest(hashlib.blake2b(b"ztai value keys\0" + self.key).digest())
+        self._call_key = hashlib.blake2b(b"ztai call hash\0" + self.key).digest()
+
+    # Tools ----------------------------------------------------------------------------------------------
+    def learn_tools(self, server: str, tools: list[dict[str, Any]]) -> None:
+        """Remember a server's tool definitions (from its tools/list answer) for their annotations."""
+        known = self._tools.setdefault(server, {})
+        for tool in tools[:10_000]:
+            if isinstance(tool, dict) and isinstance(tool.get("name"), str):
+                known[tool["name"]] = tool
+
+    def visible_tools(self, principal: Principal, server: str, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The tools of a tools/list answer that the principal's task grants (none without a task)."""
+        task = task_claims(principal, self.issuer)
+        if task is None:
+            return []
+        return [t for t in tools if isinstance(t.get("name"), str) and task.grant.allows_tool(server, t["name"])]
+
+    def profile(self, server: str, tool: str, definition: Mapping[str, Any] | None = None) -> ToolProfile:
+        server_settings: McpServerSettings | None = self.settings.mcp_servers.get(server)
+        overrides = server_settings.tools.get(tool) if server_settings is not None else None
+        return tool_profile(server, definition or self._tools.get(server, {}).get(tool), tool, overrides)
+
+    # Authorize ------------------------------------------------------------------------------------------
+    async def authorize(
+        self,
+        principal: Principal,
+        server: str,
+        tool: str,
+        arguments: dict[str, Any],
+        *,
+        route: str,
+        ip: str = "",
+        definition: Mapping[str, Any] | None = None,
+    ) -> ToolDecision:
+        """Decide a proposed tool call; the decision is durable in the audit log before this returns."""
+        task = task_claims(principal, self.issuer)
+        profile = self.profile(server, tool, definition)
+        problems = task.grant.check_call(server, tool, arguments) if task else ["no task token: use token exchange"]
+        state, provenance = await self._provenance(principal, task, profile, arguments)
+        context = self._context(principal, task, profile, arguments, state, provenance, route, ip)
+        context["tool"]["granted"] = not problems
+        decision = self._decide(principal, task, server, tool, context)
+        reasons = [*decision.reasons, *problems, *profile.reasons()]
+        effect, approval_id = decision.effect, None
+        decision_id = new_event_id("dec")
+        call_hash = self.call_hash(server, tool, arguments)
+        if task is not None and effect == "require_approval" and self.approvals is not None:
+            effect, approval_id, reasons = await self._approval(
+                principal, task, server, tool, arguments, call_hash, reasons, decision_id
+            )
+        if task is not None and effect in ("allow", "allow_with_obligations"):
+            over = await self._spend_budget(principal.tenant, task)
+            if over:
+                effect, reasons = "deny", [*reasons, over]
+        event = decision_event(
+            decision_id=decision_id,
+            tenant=principal.tenant,
+            principal=task.actor if task else principal.spiffe_id,
+            action="tool.call",
+            resource=f"Tool::{server}/{tool}",
+            effect=effect,
+            reasons=reasons,
+            errors=decision.errors,
+            obligations=decision.obligations,
+            policy_revision=decision.policy_revision,
+            request={
+                "route": route,
+                "jti": principal.jti,
+                "subject": principal.spiffe_id,
+                "task": task.task_id if task else "",
+                "call_hash": call_hash,
+                "ip": ip,
+                "provenance": {k: context["tool"][k] for k in _PROVENANCE_KEYS},
+                "approval_id": approval_id,
+            },
+        )
+        await self.record(event)
+        return ToolDecision(effect, reasons, decision.obligations, decision_id, approval_id)
+
+    def call_hash(self, server: str, tool: str, arguments: Mapping[str, Any]) -> str:
+        """A keyed hash naming one exact call (server, tool, arguments): approvals match retries by it."""
+        canonical = orjson.dumps([server, tool, arguments], option=orjson.OPT_SORT_KEYS)
+        return hashlib.blake2b(canonical, key=self._call_key[:64], digest_size=20).hexdigest()
+
+    async def _provenance(
+        self, principal: Principal, task: TaskClaims | None, profile: ToolProfile, arguments: Mapping[str, Any]
+    ) -> tuple[SessionState, dict[str, list[str]]]:
+        by_argument = argument_values(arguments)
+        sensitive = set(profile.sensitive_arguments)
+        # Whole values of sensitive arguments; entities (e-mails, URLs, IBANs, phones) of every argument.
+        values = {
+            name: [keys for keys in groups if name in sensitive or not _is_word(keys)]
+            for name, groups in by_argument.items()
+        }
+        hashed = {name: [self._digest(keys) for keys in groups] for name, groups in values.items()}
+        every_key = {key for groups in hashed.values() for keys in groups for key in keys}
+        if task is None:
+            return SessionState(), {"untrusted": [], "suspicious": [], "unseen": []}
+        state, seen = await self.sessions.lookup(principal.tenant, task.root, every_key)
+        untrusted, suspicious, unseen = set(), set(), set()
+        for name, groups in hashed.items():
+            for keys in groups:
+                bits = 0
+                for key in keys:
+                    bits |= seen.get(key, 0)
+                if bits & FLAG_TRUSTED:
+                    continue
+                if bits & FLAG_SUSPICIOUS:
+                    suspicious.add(name)
+                if bits & FLAG_UNTRUSTED:
+                    untrusted.add(name)
+                elif name in sensitive:
+                    unseen.add(name)
+        return state, {"untrusted": sorted(untrusted), "suspicious": sorted(suspicious), "unseen": sorted(unseen)}
+
+    def _context(
+        self,
+        principal: Principal,
+        task: TaskClaims | None,
+        profile: ToolProfile,
+        arguments: Mapping[str, Any],
+        state: SessionState,
+        provenance: dict[str, list[str]],
+        route: str,
+        ip: str,
+    ) -> dict[str, Any]:
+        context = default_context()
+        context["tenant"] = principal.tenant
+        context["principal_kind"] = "agent" if task else principal.kind
+        context["token"] = token_context(principal.claims, principal.issuer)
+        context["network"] = {"ip": ip}
+        context["time"] = clock()
+        context["request"] = {"route": route, "stream": False, "bytes": len(orjson.dumps(arguments))}
+        if task is not None:
+            context["delegation"] = {
+                "task": task.task_id,
+                "depth": task.depth,
+                "subject": task.subject,
+                "actor": task.actor,
+                "actors": list(task.actors),
+            }
+        context["session"] = state.context()
+        context["tool"] = {
+            "server": profile.server,
+            "name": profile.name,
+            "granted": False,
+            "read_only": profile.read_only,
+            "destructive": profile.destructive,
+            "open_world": profile.open_world,
+            "idempotent": profile.idempotent,
+            "inferred": bool(profile.inferred),
+            "sensitive_args": list(profile.sensitive_arguments),
+            "args_from_untrusted": provenance["untrusted"],
+            "args_from_suspicious": provenance["suspicious"],
+            "args_unseen": provenance["unseen"],
+            "egress_hosts": sorted(url_hosts(arguments)),
+        }
+        context["input"] = _cedar_value(dict(arguments), 0)
+        if self.canaries is not None:
+            text = orjson.dumps(arguments).decode()
+            context["content"]["canary"] = bool(self.canaries.scan(text, "model_output"))
+        return context
+
+    def _decide(
+        self, principal: Principal, task: TaskClaims | None, server: str, tool: str, context: dict[str, Any]
+    ) -> Decision:
+        actor, kind = (task.actor, "agent") if task else (principal.spiffe_id, principal.kind)
+        request = principal_request(actor, kind, "tool.call", "Tool", f"{server}/{tool}", context)
+        try:
+            return self.policy.decide(request)
+        except Exception as exc:  # the engine failing must refuse the call, not allow it
+            raise PolicyEvaluationError(f"policy evaluation failed: {type(exc).__name__}") from None
+
+    async def _approval(
+        self,
+        principal: Principal,
+        task: TaskClaims,
+        server: str,
+        tool: str,
+        arguments: Mapping[str, Any],
+        call_hash: str,
+        reasons: list[str],
+        decision_id: str,
+    ) -> tuple[str, str | None, list[str]]:
+        approvals = self.approvals
+        assert approvals is not None
+        used = await asyncio.to_thread(
+            approvals.consume, tenant=principal.tenant, task_id=task.task_id, call_hash=call_hash
+        )
+        if used is not None:
+            return "allow", used, [*reasons, f"approved:{used}"]
+        approval = await asyncio.to_thread(
+            lambda: approvals.request(
+                tenant=principal.tenant,
+                task_id=task.task_id,
+                principal=task.actor,
+                server=server,
+                tool=tool,
+                call_hash=call_hash,
+                preview=self.preview(arguments) if self.preview else "",
+                reasons=reasons,
+                decision_id=decision_id,
+                ttl_seconds=self.settings.approval_ttl_seconds,
+            )
+        )
+        return "require_approval", str(approval.id), reasons
+
+    async def _spend_budget(self, tenant: str, task: TaskClaims) -> str | None:
+        limit = task.grant.budget.get("calls")
+        totals = await self.sessions.count_call(tenant, task.chain)
+        if limit is not None and totals.get(task.task_id, 0) > limit:
+            return f"call budget of task {task.task_id} exhausted ({limit} calls)"
+        return None
+
+    # Observe --------------------------------------------------------------------------------------------
+    async def observe(
+        self,
+        principal: Principal,
+        *,
+        server: str,
+        tool: str,
+        content: str,
+        route: str,
+        source: str = "tool_output",
+        trusted: bool | None = None,
+    ) -> Observation:
+        """Record content entering the task session: scanned as tool output (documents as `document`),
+        its values remembered with their provenance; findings audited (type and span hash, never values).
+        `source="user"` marks the user's own request (trusted)."""
+        task = task_claims(principal, self.issuer)
+        content = content[:MAX_OBSERVED_CHARS]
+        if trusted is None:
+            trusted = source == "user" or self._trusted_tool(server, tool)
+        detect_source = "user" if source == "user" else ("document" if source == "document" else "tool_output")
+        inspection = await asyncio.to_thread(self.inspector.inspect, [(detect_source, content)])  # type: ignore[list-item]
+        findings = audit_findings(inspection, self.key)
+        summary = inspection.context()
+        flagged = not trusted and bool(summary["injection_flagged"])
+        observed = await asyncio.to_thread(
+            observe_text,
+            content,
+            trusted=trusted,
+            digest=self._digest,
+            model=self.injection,
+            suspicion=self.settings.suspicion_threshold,
+        )
+        origin = f"mcp:{server}/{tool}" if server else source
+        state = SessionState()
+        if task is not None:
+            state = await self.sessions.record(
+                principal.tenant, task.root, observed, trusted=trusted, source=origin, flagged=flagged
+            )
+        event = identity_event(
+            "content.observed",
+            tenant=principal.tenant,
+            principal=task.actor if task else principal.spiffe_id,
+            details={
+                "route": route,
+                "task": task.task_id if task else "",
+                "source": origin,
+                "trusted": trusted,
+                "flagged": flagged,
+                "injection_score": summary["injection_score"],
+                "findings": findings,
+                "chars": len(content),
+            },
+        )
+        await self.record(event)
+        return Observation(event["id"], trusted, flagged, int(summary["injection_score"]), findings, state.context())
+
+    def _trusted_tool(self, server: str, tool: str) -> bool:
+        server_settings = self.settings.mcp_servers.get(server)
+        if server_settings is not None and server_settings.trusted:
+            return True
+        profile = self.profile(server, tool)
+        return not profile.open_world and "open_world" not in profile.inferred
+
+
+_PROVENANCE_KEYS = ("args_from_untrusted", "args_from_suspicious", "args_unseen", "egress_hosts")
+
+
+def _is_word(keys: set[str]) -> bool:
+    return all(key.startswith("w:") for key in keys)
+
+
+def _cedar_value(value: Any, depth: int) -> Any:
+    """Arguments as Cedar values: no nulls or floats in Cedar (floats become strings), bounded depth."""
+    if depth > MAX_INPUT_DEPTH:
+        return "..."
+    if isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**63 else str(value)
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) and value.is_integer() else repr(value)
+    if isinstance(value, Mapping):
+        return {str(k): _cedar_value(v, depth + 1) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_cedar_value(v, depth + 1) for v in value if v is not None]
+    return str(value)

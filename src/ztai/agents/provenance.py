@@ -1,0 +1,147 @@
+"""Value provenance: which values a task session saw, and where.
+
+Content entering a session (the user's request, tool results, retrieved documents) is reduced to *value
+keys*: e-mail addresses, URLs and hosts, IBANs, phone numbers, numbers and short word sequences, normalised
+and hashed with a per-deployment key (the session keeps no raw text). Each key is recorded as seen in
+trusted content, in untrusted content, and — when the window of untrusted text around it reads like
+instructions to the model — in *suspicious* content.
+
+When an agent proposes a tool call, the values in its arguments are reduced the same way and looked up, so
+policy can ask: did the recipient of this e-mail come only from a web page? Only from a part of it that
+looked like an injection? (`context.tool.args_from_untrusted`, `args_from_suspicious`, `args_unseen`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ztai.detect.injection import InjectionModel, window_scores
+
+MAX_TEXT = 200_000  # characters of one content item that are indexed
+MAX_NGRAM = 4  # word sequences up to this long are remembered as values
+MAX_VALUE_WORDS = MAX_NGRAM
+MAX_SHORT_VALUE = 80  # an argument string up to this long is also a value as a whole
+
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+_URL = re.compile(
+    r"(?<![@\w.-])(?:https?://[^\s\"'<>)\]]+|www\.[^\s\"'<>)\]]+|"
+    r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.(?:com|org|net|io|dev|ai|co|app|info|biz|xyz|me|us|uk|de|fr|eu|gov|edu)"
+    r"(?:/[^\s\"'<>)\]]*)?)",
+    re.IGNORECASE,
+)
+_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b")
+_PHONE = re.compile(r"(?<!\w)\+?\d[\d ().-]{6,18}\d(?!\w)")
+_WORD = re.compile(r"[^\W_]+(?:[-'][^\W_]+)*", re.UNICODE)
+
+
+def _fold(text: str) -> str:
+    return unicodedata.normalize("NFKC", text).casefold()
+
+
+def _url_key(url: str) -> str:
+    url = url.lower().rstrip(".,;:!?")
+    url = re.sub(r"^https?://", "", url)
+    return url.rstrip("/")
+
+
+def entity_values(text: str) -> Iterator[str]:
+    """Normalised entity values in `text`: e-mails, URLs (and their hosts), IBANs, phone numbers."""
+    for match in _EMAIL.finditer(text):
+        yield "e:" + match.group(0).lower()
+    for match in _URL.finditer(text):
+        url = _url_key(match.group(0))
+        yield "u:" + url
+        host = url.split("/", 1)[0].split(":", 1)[0]
+        yield "h:" + host.removeprefix("www.")
+    for match in _IBAN.finditer(text):
+        yield "i:" + match.group(0).replace(" ", "")
+    for match in _PHONE.finditer(text):
+        digits = re.sub(r"\D", "", match.group(0))
+        if 7 <= len(digits) <= 15:
+            yield "p:" + digits
+
+
+def text_values(text: str) -> Iterator[str]:
+    """Every value key of a content text: its entities, and its words and word sequences."""
+    text = text[:MAX_TEXT]
+    yield from entity_values(text)
+    words = [_fold(m.group(0)) for m in _WORD.finditer(text)]
+    for n in range(1, MAX_NGRAM + 1):
+        for i in range(len(words) - n + 1):
+            yield "w:" + " ".join(words[i : i + n])
+
+
+def argument_values(arguments: Mapping[str, Any]) -> dict[str, set[str]]:
+    """The value keys of each top-level argument (nested values included): entities anywhere, and short
+    strings and numbers as whole values. Long free text contributes its entities only."""
+    result: dict[str, set[str]] = {}
+    for name, value in arguments.items():
+        keys: set[str] = set()
+        for scalar in _scalars(value):
+            if isinstance(scalar, bool):
+                continue
+            if isinstance(scalar, int | float):
+                keys.add("w:" + _fold(str(scalar)))
+                continue
+            entities = set(entity_values(scalar[:MAX_TEXT]))
+            keys |= entities
+            words = [_fold(m.group(0)) for m in _WORD.finditer(scalar[: MAX_SHORT_VALUE + 1])]
+            whole_entity = any(k.endswith(_fold(scalar.strip()).removeprefix("https://")) for k in entities)
+            if words and len(scalar) <= MAX_SHORT_VALUE and len(words) <= MAX_VALUE_WORDS and not whole_entity:
+                keys.add("w:" + " ".join(words))
+        if keys:
+            result[str(name)] = keys
+    return result
+
+
+def _scalars(value: Any, depth: int = 0) -> Iterator[Any]:
+    if depth > 16:
+        return
+    if isinstance(value, Mapping):
+        for item in value.values():
+            yield from _scalars(item, depth + 1)
+    elif isinstance(value, list | tuple):
+        for item in value[:1000]:
+            yield from _scalars(item, depth + 1)
+    elif isinstance(value, str | int | float):
+        yield value
+
+
+@dataclass
+class Digest:
+    """Hashes value keys with a deployment secret (8-byte keys: compact, and no raw value is stored)."""
+
+    key: bytes
+
+    def __call__(self, values: Iterable[str]) -> set[bytes]:
+        return {hashlib.blake2b(v.encode(), key=self.key[:64], digest_size=8).digest() for v in values}
+
+
+@dataclass
+class Observed:
+    """What one content item adds to a session."""
+
+    values: set[bytes] = field(default_factory=set)
+    suspicious: set[bytes] = field(default_factory=set)
+    max_probability: float = 0.0
+
+
+def observe_text(
+    text: str, *, trusted: bool, digest: Digest, model: InjectionModel | None, suspicion: float
+) -> Observed:
+    """Reduce a content item to hashed value keys; for untrusted content also mark the keys that occur in
+    windows whose injection probability reaches `suspicion`."""
+    observed = Observed(values=digest(text_values(text)))
+    if trusted or model is None or not text.strip():
+        return observed
+    scores = window_scores(text[:MAX_TEXT], "tool_output", model)
+    observed.max_probability = max((p for _, _, p in scores), default=0.0)
+    for start, end, probability in scores:
+        if probability >= suspicion:
+            observed.suspicious |= digest(text_values(text[start:end]))
+    return observed
