@@ -481,6 +481,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--small-window", type=int, default=0, help="second window scale (0: none)")
     parser.add_argument("--no-source-features", action="store_true")
     parser.add_argument("--no-source-pairs", action="store_true")
+    parser.add_argument(
+        "--exclude-folder",
+        action="append",
+        default=[],
+        choices=FOLDERS,
+        help="leave a data folder out (held-apart evaluations, e.g. bench/agentdojo_replay.py)",
+    )
     args = parser.parse_args(argv)
 
     config = FeatureConfig(
@@ -492,6 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     started = time.perf_counter()
     docs = load_corpus(args.data, source_pairs=not args.no_source_pairs)
+    docs = [doc for doc in docs if doc.folder not in args.exclude_folder]
     print(f"{len(docs)} documents: {dict(Counter((d.folder, d.label) for d in docs))}", file=sys.stderr)
     prepared = prepare(docs, config)
     print(f"prepared in {time.perf_counter() - started:.0f}s; out-of-fold scores ...", file=sys.stderr)

@@ -209,7 +209,7 @@ def test_policy_reload_applies_valid_policies_and_rejects_invalid_ones(gateway: 
 
 def test_cli_policy_test_and_validate(gateway: Gateway) -> None:
     result = gateway.cli("policy", "test", str(gateway.home / "policies" / "tests.yaml"))
-    assert "9 passed, 0 failed" in result.stderr
+    assert "21 passed, 0 failed" in result.stderr
     assert gateway.cli("policy", "validate").returncode == 0
 
 

@@ -145,13 +145,17 @@ def test_policy_test_runner_reports_failures(engine: PolicyEngine, tmp_path: Pat
 def test_context_is_projected_onto_the_attributes_policies_read(
     engine: PolicyEngine, policy_dir: Path
 ) -> None:
-    assert engine.bundle.context_keys == frozenset({"token", "risk_score", "content"})
+    assert engine.bundle.context_keys == frozenset(
+        {"token", "risk_score", "content", "tool", "session", "exchange"}
+    )
     (policy_dir / "net.cedar").write_text(
         '@id("office-only")\nforbid (principal, action, resource) unless { context has network && '
         'context.network.ip like "10.*" };\n'
     )
     engine.reload()
-    assert engine.bundle.context_keys == frozenset({"token", "risk_score", "content", "network"})
+    assert engine.bundle.context_keys == frozenset(
+        {"token", "risk_score", "content", "tool", "session", "exchange", "network"}
+    )
     (policy_dir / "whole.cedar").write_text(
         '@id("whole")\nforbid (principal, action, resource) when { context == context && false };\n'
     )

@@ -18,8 +18,38 @@ from typing import Any
 SENSITIVE_META_KEY = "io.ztai/sensitiveArguments"
 
 _READ_VERBS = frozenset(
-    "get list search read find query lookup look view show describe count check fetch retrieve browse "
-    "inspect summarize summarise download print peek scan explore see stat head cat ls grep".split()
+    [
+        "get",
+        "list",
+        "search",
+        "read",
+        "find",
+        "query",
+        "lookup",
+        "look",
+        "view",
+        "show",
+        "describe",
+        "count",
+        "check",
+        "fetch",
+        "retrieve",
+        "browse",
+        "inspect",
+        "summarize",
+        "summarise",
+        "download",
+        "print",
+        "peek",
+        "scan",
+        "explore",
+        "see",
+        "stat",
+        "head",
+        "cat",
+        "ls",
+        "grep",
+    ]
 )
 _WRITE_WORDS = re.compile(
     r"\b(send|sends|sent|delete|deletes|remove|removes|create|creates|update|updates|write|writes|post|posts|"
@@ -62,7 +92,9 @@ class ToolProfile:
         return [f"annotations inferred for {self.server}/{self.name}: {', '.join(self.inferred)}"]
 
 
-def tool_profile(server: str, tool: Mapping[str, Any] | None, name: str, overrides: Any = None) -> ToolProfile:
+def tool_profile(
+    server: str, tool: Mapping[str, Any] | None, name: str, overrides: Any = None
+) -> ToolProfile:
     """The profile of tool `name` on `server` from its MCP definition (None: unknown tool) and the
     operator's `ToolSettings` overrides (None: none)."""
     definition: Mapping[str, Any] = tool or {}

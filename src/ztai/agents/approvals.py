@@ -27,13 +27,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ztai.audit.events import new_event_id, now_iso
-from ztai.errors import ApprovalRequired, MalformedRequest, NotFound, StoreError, ZtaiError
+from ztai.errors import MalformedRequest, NotFound, StoreError, ZtaiError
 from ztai.store import Approval, Database
 
 STATUSES = ("pending", "approved", "denied", "used")
 LIST_FILTERS = (*STATUSES, "expired", "all")
 MAX_LIST = 1000
-APPROVAL_ID = re.compile(r"^apr_[0-9a-f]{24}$")
+APPROVAL_ID = re.compile(r"apr_[0-9a-f]{24}")
 _CALL_HASH = re.compile(r"[0-9a-f]{32,64}")
 _OPEN = ("pending", "approved")  # states that expire
 _ADVISORY_NAMESPACE = 0x7A7461  # PostgreSQL advisory locks of `request` (two-key space, own namespace)
@@ -335,17 +335,6 @@ def approval_event(approval: Approval, *, by: str, note: str = "", via: str) -> 
         "note": note[:500],
         "via": via,
     }
-
-
-def held_call_error(approval: Approval, *, decision_id: str) -> ApprovalRequired:
-    """The 403 an agent gets for a held call: names the approval and what to do about it."""
-    return ApprovalRequired(
-        f"tool call {approval.server}/{approval.tool} is held for approval {approval.id} "
-        f"(status {approval.status}, expires {_aware(approval.expires_at).isoformat()}); "
-        f"an administrator can run `ztai approvals approve {approval.id}`, then retry the same call",
-        decision_id=decision_id,
-        approval_id=approval.id,
-    )
 
 
 # Call identity and preview ------------------------------------------------------------------------

@@ -34,8 +34,8 @@ from ztai.agents.session import (
 )
 from ztai.audit.events import decision_event, identity_event, new_event_id
 from ztai.config import AgentSettings, McpServerSettings, Settings
-from ztai.detect.canary import CanaryDetector
 from ztai.detect.base import Detector
+from ztai.detect.canary import CanaryDetector
 from ztai.detect.injection import InjectionDetector, InjectionModel
 from ztai.detect.inspector import Inspector, audit_findings
 from ztai.errors import ApprovalRequired, PermissionDenied, PolicyEvaluationError, StepUpRequired
@@ -45,7 +45,7 @@ from ztai.identity.tokens import Principal
 from ztai.policy import Decision, PolicyEngine, default_context, principal_request, token_context
 from ztai.policy.context import clock
 
-Recorder = Callable[[dict[str, Any]], Awaitable[None]]
+Recorder = Callable[[dict[str, Any]], Awaitable[object]]
 MAX_INPUT_DEPTH = 8
 MAX_OBSERVED_CHARS = 1_000_000
 
@@ -78,7 +78,9 @@ class ToolDecision:
                 "tool call requires approval", decision_id=self.decision_id, code="approval_required"
             )
         if self.effect == "step_up":
-            return StepUpRequired("step-up authentication required for this call", decision_id=self.decision_id)
+            return StepUpRequired(
+                "step-up authentication required for this call", decision_id=self.decision_id
+            )
         return PermissionDenied("tool call denied by policy", decision_id=self.decision_id)
 
     def to_json(self) -> dict[str, Any]:
@@ -198,12 +200,16 @@ class AgentGuard:
             if isinstance(tool, dict) and isinstance(tool.get("name"), str):
                 known[tool["name"]] = tool
 
-    def visible_tools(self, principal: Principal, server: str, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def visible_tools(
+        self, principal: Principal, server: str, tools: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
         """The tools of a tools/list answer that the principal's task grants (none without a task)."""
         task = task_claims(principal, self.issuer)
         if task is None:
             return []
-        return [t for t in tools if isinstance(t.get("name"), str) and task.grant.allows_tool(server, t["name"])]
+        return [
+            t for t in tools if isinstance(t.get("name"), str) and task.grant.allows_tool(server, t["name"])
+        ]
 
     def profile(self, server: str, tool: str, definition: Mapping[str, Any] | None = None) -> ToolProfile:
         server_settings: McpServerSettings | None = self.settings.mcp_servers.get(server)
@@ -225,13 +231,16 @@ class AgentGuard:
         """Decide a proposed tool call; the decision is durable in the audit log before this returns."""
         task = task_claims(principal, self.issuer)
         profile = self.profile(server, tool, definition)
-        problems = task.grant.check_call(server, tool, arguments) if task else ["no task token: use token exchange"]
+        problems = (
+            task.grant.check_call(server, tool, arguments) if task else ["no task token: use token exchange"]
+        )
         state, provenance = await self._provenance(principal, task, profile, arguments)
         context = self._context(principal, task, profile, arguments, state, provenance, route, ip)
         context["tool"]["granted"] = not problems
         decision = self._decide(principal, task, server, tool, context)
         reasons = [*decision.reasons, *problems, *profile.reasons()]
-        effect, approval_id = decision.effect, None
+        effect: str = decision.effect
+        approval_id: str | None = None
         decision_id = new_event_id("dec")
         call_hash = self.call_hash(server, tool, arguments)
         if task is not None and effect == "require_approval" and self.approvals is not None:
@@ -273,7 +282,11 @@ class AgentGuard:
         return hashlib.blake2b(canonical, key=self._call_key[:64], digest_size=20).hexdigest()
 
     async def _provenance(
-        self, principal: Principal, task: TaskClaims | None, profile: ToolProfile, arguments: Mapping[str, Any]
+        self,
+        principal: Principal,
+        task: TaskClaims | None,
+        profile: ToolProfile,
+        arguments: Mapping[str, Any],
     ) -> tuple[SessionState, dict[str, list[str]]]:
         by_argument = argument_values(arguments)
         sensitive = set(profile.sensitive_arguments)
@@ -301,7 +314,11 @@ class AgentGuard:
                     untrusted.add(name)
                 elif name in sensitive:
                     unseen.add(name)
-        return state, {"untrusted": sorted(untrusted), "suspicious": sorted(suspicious), "unseen": sorted(unseen)}
+        return state, {
+            "untrusted": sorted(untrusted),
+            "suspicious": sorted(suspicious),
+            "unseen": sorted(unseen),
+        }
 
     def _context(
         self,
@@ -421,7 +438,9 @@ class AgentGuard:
         content = content[:MAX_OBSERVED_CHARS]
         if trusted is None:
             trusted = source == "user" or self._trusted_tool(server, tool)
-        detect_source = "user" if source == "user" else ("document" if source == "document" else "tool_output")
+        detect_source = (
+            "user" if source == "user" else ("document" if source == "document" else "tool_output")
+        )
         inspection = await asyncio.to_thread(self.inspector.inspect, [(detect_source, content)])  # type: ignore[list-item]
         findings = audit_findings(inspection, self.key)
         summary = inspection.context()
@@ -456,7 +475,9 @@ class AgentGuard:
             },
         )
         await self.record(event)
-        return Observation(event["id"], trusted, flagged, int(summary["injection_score"]), findings, state.context())
+        return Observation(
+            event["id"], trusted, flagged, int(summary["injection_score"]), findings, state.context()
+        )
 
     def _trusted_tool(self, server: str, tool: str) -> bool:
         server_settings = self.settings.mcp_servers.get(server)

@@ -76,27 +76,54 @@ def text_values(text: str) -> Iterator[str]:
             yield "w:" + " ".join(words[i : i + n])
 
 
-def argument_values(arguments: Mapping[str, Any]) -> dict[str, set[str]]:
-    """The value keys of each top-level argument (nested values included): entities anywhere, and short
-    strings and numbers as whole values. Long free text contributes its entities only."""
-    result: dict[str, set[str]] = {}
+def argument_values(arguments: Mapping[str, Any]) -> dict[str, list[set[str]]]:
+    """The values of each top-level argument (nested values included), each as its set of keys: every
+    entity is a value (an URL is known by its full key and its host), and so is a short string or a
+    number as a whole. Long free text contributes its entities only."""
+    result: dict[str, list[set[str]]] = {}
     for name, value in arguments.items():
-        keys: set[str] = set()
+        groups: list[set[str]] = []
         for scalar in _scalars(value):
             if isinstance(scalar, bool):
                 continue
             if isinstance(scalar, int | float):
-                keys.add("w:" + _fold(str(scalar)))
+                groups.append({"w:" + _fold(str(scalar))})
                 continue
-            entities = set(entity_values(scalar[:MAX_TEXT]))
-            keys |= entities
+            entities = _entity_groups(scalar[:MAX_TEXT])
+            groups.extend(entities)
             words = [_fold(m.group(0)) for m in _WORD.finditer(scalar[: MAX_SHORT_VALUE + 1])]
-            whole_entity = any(k.endswith(_fold(scalar.strip()).removeprefix("https://")) for k in entities)
-            if words and len(scalar) <= MAX_SHORT_VALUE and len(words) <= MAX_VALUE_WORDS and not whole_entity:
-                keys.add("w:" + " ".join(words))
-        if keys:
-            result[str(name)] = keys
+            whole_entity = len(entities) == 1 and len(scalar.split()) == 1
+            if (
+                words
+                and len(scalar) <= MAX_SHORT_VALUE
+                and len(words) <= MAX_VALUE_WORDS
+                and not whole_entity
+            ):
+                groups.append({"w:" + " ".join(words)})
+        if groups:
+            result[str(name)] = groups
     return result
+
+
+def _entity_groups(text: str) -> list[set[str]]:
+    """One key set per entity: a URL's full key and host key belong together."""
+    groups: list[set[str]] = []
+    pending: set[str] = set()
+    for key in entity_values(text):
+        if key.startswith("h:") and pending:
+            pending.add(key)
+            groups.append(pending)
+            pending = set()
+            continue
+        if pending:
+            groups.append(pending)
+        pending = {key}
+        if not key.startswith("u:"):
+            groups.append(pending)
+            pending = set()
+    if pending:
+        groups.append(pending)
+    return groups
 
 
 def _scalars(value: Any, depth: int = 0) -> Iterator[Any]:

@@ -50,7 +50,13 @@ class Trace:
             raise MalformedRequest(f"trace is not valid JSON: {exc.msg}") from None
         if not isinstance(data, dict):
             raise MalformedRequest("trace must be a JSON object")
-        for name, kind in (("id", str), ("user_prompt", str), ("principal", str), ("tools", list), ("events", list)):
+        for name, kind in (
+            ("id", str),
+            ("user_prompt", str),
+            ("principal", str),
+            ("tools", list),
+            ("events", list),
+        ):
             if not isinstance(data.get(name), kind):
                 raise MalformedRequest(f"trace field {name!r} must be a {kind.__name__}")
         if len(data["events"]) > MAX_TRACE_EVENTS:

@@ -43,7 +43,9 @@ class SessionStore(Protocol):
         self, tenant: str, session: str, observed: Observed, *, trusted: bool, source: str, flagged: bool
     ) -> SessionState: ...
 
-    async def lookup(self, tenant: str, session: str, keys: set[bytes]) -> tuple[SessionState, dict[bytes, int]]:
+    async def lookup(
+        self, tenant: str, session: str, keys: set[bytes]
+    ) -> tuple[SessionState, dict[bytes, int]]:
         """The session's state and, for each key, FLAG_* bits of where it was seen (absent: nowhere)."""
         ...
 
@@ -65,7 +67,9 @@ class MemorySessionStore:
     """Sessions in this process (the embedded default). Bounded: least recently used sessions go first,
     idle ones expire, and one session remembers at most `max_values` value keys."""
 
-    def __init__(self, *, ttl_seconds: float = 7200, max_sessions: int = 10_000, max_values: int = 50_000) -> None:
+    def __init__(
+        self, *, ttl_seconds: float = 7200, max_sessions: int = 10_000, max_values: int = 50_000
+    ) -> None:
         self._sessions: OrderedDict[tuple[str, str], _Session] = OrderedDict()
         self._calls: dict[tuple[str, str], tuple[int, float]] = {}
         self._ttl = ttl_seconds
@@ -105,7 +109,9 @@ class MemorySessionStore:
             state.max_injection_score = max(state.max_injection_score, round(observed.max_probability * 100))
         return state
 
-    async def lookup(self, tenant: str, session: str, keys: set[bytes]) -> tuple[SessionState, dict[bytes, int]]:
+    async def lookup(
+        self, tenant: str, session: str, keys: set[bytes]
+    ) -> tuple[SessionState, dict[bytes, int]]:
         entry = self._get(tenant, session)
         return entry.state, {k: entry.values[k] for k in keys if k in entry.values}
 
@@ -184,7 +190,8 @@ return size
                 score = round(observed.max_probability * 100)
                 pipe.eval(
                     "local c = tonumber(redis.call('HGET', KEYS[1], 'score') or '0') "
-                    "if tonumber(ARGV[1]) > c then redis.call('HSET', KEYS[1], 'score', ARGV[1]) end return 1",
+                    "if tonumber(ARGV[1]) > c then redis.call('HSET', KEYS[1], 'score', ARGV[1]) end "
+                    "return 1",
                     1,
                     base + ":m",
                     score,
@@ -195,7 +202,9 @@ return size
         state, _ = await self.lookup(tenant, session, set())
         return state
 
-    async def lookup(self, tenant: str, session: str, keys: set[bytes]) -> tuple[SessionState, dict[bytes, int]]:
+    async def lookup(
+        self, tenant: str, session: str, keys: set[bytes]
+    ) -> tuple[SessionState, dict[bytes, int]]:
         base = self._key(tenant, session)
         ordered = list(keys)
         async with self._redis.pipeline(transaction=False) as pipe:

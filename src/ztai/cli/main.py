@@ -12,7 +12,15 @@ import orjson
 import typer
 from rich.console import Console
 
-from ztai.cli import audit_commands, policy_commands, scan_command, token_commands
+from ztai.cli import (
+    agent_commands,
+    approval_commands,
+    audit_commands,
+    policy_commands,
+    scan_command,
+    task_commands,
+    token_commands,
+)
 from ztai.cli.common import ConfigOption, fail, open_database_for, settings_for
 from ztai.config import DEFAULT_CONFIG_PATH, with_upstreams
 from ztai.errors import ZtaiError
@@ -30,6 +38,9 @@ app.add_typer(token_commands.app, name="token")
 app.add_typer(token_commands.keys_app, name="keys")
 app.add_typer(policy_commands.app, name="policy")
 app.add_typer(audit_commands.app, name="audit")
+app.add_typer(agent_commands.app, name="agents")
+app.add_typer(approval_commands.app, name="approvals")
+app.add_typer(task_commands.app, name="task")
 app.command("scan")(scan_command.scan)
 
 err = Console(stderr=True)

@@ -1,19 +1,34 @@
-"""`ztai token issue|revoke` and `ztai keys rotate`. Every issuance and revocation is audited."""
+"""`ztai token issue|exchange|revoke` and `ztai keys rotate`. Every issuance and revocation is audited."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import orjson
 import typer
 from rich.console import Console
 
-from ztai.audit.events import identity_event
+from ztai.audit import AuditLog
+from ztai.audit.events import decision_event, identity_event, new_event_id
 from ztai.cli.common import ConfigOption, fail, open_audit_log, settings_for
-from ztai.config import DEFAULT_CONFIG_PATH
+from ztai.cli.task_commands import RedisPublisher
+from ztai.config import DEFAULT_CONFIG_PATH, Settings
 from ztai.errors import ZtaiError
-from ztai.identity import RevocationList, issue_token, parse_claims
+from ztai.identity import RevocationList, TokenVerifier, issue_token, parse_claims
+from ztai.identity.exchange import (
+    GRANT_TYPE,
+    JWT_TOKEN_TYPE,
+    Authorize,
+    ExchangeError,
+    ExchangePlan,
+    ExchangeRequest,
+    TokenExchange,
+    Verdict,
+)
+from ztai.policy import PolicyEngine, default_context, model_entities, principal_request, token_context
+from ztai.policy.context import clock
 
 app = typer.Typer(help="Issue and revoke tokens.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage signing keys.", no_args_is_help=True)
@@ -76,6 +91,151 @@ def issue_for_demo(config: Path) -> str:
     return _issue(config, "spiffe://example.org/user/demo", 3600, ["models=mock"])
 
 
+@app.command("exchange")
+def exchange(
+    subject_token: Annotated[
+        str,
+        typer.Option(
+            help="the subject's token (a user's or service's, or a parent task token)",
+            envvar="ZTAI_SUBJECT_TOKEN",
+        ),
+    ],
+    actor_token: Annotated[
+        str,
+        typer.Option(help="the identity token of the agent that takes the task", envvar="ZTAI_ACTOR_TOKEN"),
+    ],
+    tools: Annotated[
+        str | None, typer.Option(help="granted tools, <server>/<tool> or <server>/*, comma-separated")
+    ] = None,
+    egress: Annotated[
+        str | None, typer.Option(help="hosts tool arguments may reach, comma-separated")
+    ] = None,
+    budget_calls: Annotated[int | None, typer.Option(help="at most this many tool calls")] = None,
+    budget_tokens: Annotated[int | None, typer.Option(help="at most this many model tokens")] = None,
+    ttl: Annotated[
+        int | None, typer.Option(help="lifetime in seconds (default agents.default_task_ttl_seconds)")
+    ] = None,
+    constraints: Annotated[
+        str | None,
+        typer.Option(help='argument constraints, JSON: {"<server>/<tool>": {"arg": [{"prefix": "/tmp/"}]}}'),
+    ] = None,
+    config: ConfigOption = DEFAULT_CONFIG_PATH,
+) -> None:
+    """Exchange a subject's token and an agent's token for a task token (RFC 8693); prints only the token.
+
+    The same checks as POST /oauth/token: both tokens verified, the grant within the subject's (or the
+    parent task's), policy `token.exchange` decided and recorded. Tokens may come from the variables
+    ZTAI_SUBJECT_TOKEN and ZTAI_ACTOR_TOKEN instead of the command line.
+
+    Example: ztai token exchange --subject-token "$USER" --actor-token "$AGENT" --tools files/read_file
+    """
+    details: dict[str, Any] = {"type": "ztai_task"}
+    if tools is not None:
+        details["tools"] = _split(tools)
+    if egress is not None:
+        details["egress"] = _split(egress)
+    budget = {k: v for k, v in (("calls", budget_calls), ("tokens", budget_tokens)) if v is not None}
+    if budget:
+        details["budget"] = budget
+    if ttl is not None:
+        details["ttl_seconds"] = ttl
+    if constraints is not None:
+        try:
+            details["constraints"] = orjson.loads(constraints)
+        except orjson.JSONDecodeError:
+            fail("--constraints must be JSON")
+    fields = {
+        "grant_type": GRANT_TYPE,
+        "subject_token": subject_token,
+        "subject_token_type": JWT_TOKEN_TYPE,
+        "actor_token": actor_token,
+        "actor_token_type": JWT_TOKEN_TYPE,
+        "authorization_details": orjson.dumps(details).decode(),
+    }
+    typer.echo(_exchange(config, fields))
+
+
+def _split(values: str) -> list[str]:
+    return [value.strip() for value in values.split(",") if value.strip()]
+
+
+def _exchange(config: Path, fields: dict[str, str]) -> str:
+    settings = settings_for(config)
+    database, keys, audit_log = open_audit_log(settings)
+    try:
+        revocations = RevocationList(database, refresh_seconds=settings.identity.revocation_refresh_seconds)
+        revocations.refresh()
+        tokens = TokenExchange(settings, keys, TokenVerifier(settings, keys, revocations))
+        request = ExchangeRequest.from_fields(fields, max_token_bytes=settings.identity.max_token_bytes)
+        parties = tokens.parties(request)
+        issued = tokens.exchange(request, parties, policy_authorizer(settings, audit_log))
+        details = {**issued.audit_details(), "by": "cli"}
+        audit_log.append(
+            [
+                identity_event(
+                    "token.issued",
+                    tenant=issued.token.tenant,
+                    principal=issued.token.subject,
+                    details=details,
+                )
+            ]
+        )
+    except ExchangeError as exc:
+        decision = f" (decision {exc.decision_id})" if exc.decision_id else ""
+        fail(f"{exc.code}: {exc.message}{decision}")
+    except ZtaiError as exc:
+        fail(exc.message)
+    finally:
+        database.close()
+    err.print(f"task {issued.task.task_id}, expires in {issued.token.expires_at - int(time.time())}s")
+    return issued.token.token
+
+
+def policy_authorizer(settings: Settings, audit_log: AuditLog) -> Authorize:
+    """Cedar `token.exchange` decided locally (as the gateway would, without network facts); each
+    decision is appended to the audit log before it is returned."""
+    models = [(model, name) for name, upstream in settings.upstreams.items() for model in upstream.models]
+    engine = PolicyEngine(settings.policy_path, model_entities(models))
+
+    def authorize(plan: ExchangePlan) -> Verdict:
+        subject, actor = plan.parties.subject, plan.parties.actor
+        context = default_context()
+        context.update(
+            tenant=subject.tenant,
+            principal_kind=subject.kind,
+            token=token_context(subject.claims, subject.issuer),
+            time=clock(),
+            request={"route": "cli:token exchange", "stream": False, "bytes": 0},
+            exchange=plan.exchange_context(),
+        )
+        if (delegation := plan.delegation_context()) is not None:
+            context["delegation"] = delegation
+        request = principal_request(
+            subject.spiffe_id, subject.kind, "token.exchange", plan.resource_type, actor.spiffe_id, context
+        )
+        decision = engine.decide(request)
+        decision_id = new_event_id("dec")
+        event = decision_event(
+            decision_id=decision_id,
+            tenant=subject.tenant,
+            principal=subject.spiffe_id,
+            action="token.exchange",
+            resource=f"{plan.resource_type}::{actor.spiffe_id}",
+            effect=decision.effect,
+            reasons=decision.reasons,
+            errors=decision.errors,
+            obligations=decision.obligations,
+            policy_revision=decision.policy_revision,
+            request={"route": "cli:token exchange", "jti": subject.jti},
+        )
+        audit_log.append([event])
+        return Verdict(
+            decision.effect == "allow", decision_id, f"{decision.effect}: {', '.join(decision.reasons)}"
+        )
+
+    return authorize
+
+
 @app.command("revoke")
 def revoke(
     jti: Annotated[str, typer.Argument(help="the token's jti claim")],
@@ -90,10 +250,11 @@ def revoke(
     settings = settings_for(config)
     database, _keys, audit_log = open_audit_log(settings)
     owner = tenant or settings.trust_domain
+    publisher = RedisPublisher(settings)
     # Our tokens live at most max_ttl (+ leeway): the revocation needs to be kept that long only.
     expires = time.time() + settings.identity.max_ttl_seconds + settings.identity.leeway_seconds
     try:
-        RevocationList(database).revoke(owner, jti, expires, reason)
+        RevocationList(database, publish=publisher.callback).revoke(owner, jti, expires, reason)
         audit_log.append(
             [
                 identity_event(
@@ -108,6 +269,7 @@ def revoke(
         fail(exc.message)
     finally:
         database.close()
+    publisher.report()
     err.print(f"revoked {jti}")
 
 

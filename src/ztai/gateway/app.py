@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ztai.config import Settings, load_settings, with_upstreams
 from ztai.errors import StoreError, ZtaiError
-from ztai.gateway import metrics
+from ztai.gateway import agent_routes, approval_routes, mcp_routes, metrics, oauth_routes, task_routes
 from ztai.gateway.openai_routes import chat_completions, embeddings, list_models
 from ztai.gateway.responses import (
     JSONResponse,
@@ -91,7 +91,10 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_and_count)  # type: ignore[arg-type]
         finally:
-            metrics.REQUESTS.labels(scope["path"] if status != 404 else "unmatched", str(status)).inc()
+            # The route's template, not the raw path: ids in paths must not grow the label set.
+            route = scope.get("route")
+            label = getattr(route, "path", None) or "unmatched"
+            metrics.REQUESTS.labels(label, str(status)).inc()
             metrics.STAGE["total"].observe(time.perf_counter() - started)
 
 
@@ -100,10 +103,12 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         runtime = await asyncio.to_thread(Runtime.build, settings)
         app.state.runtime = runtime
+        app.state.mcp = mcp_routes.McpGateway.build(runtime)  # ConfigError: an MCP credential is unset
         await runtime.start()
         try:
             yield
         finally:
+            await app.state.mcp.close()
             await runtime.close()
 
     routes = [
@@ -114,6 +119,11 @@ def create_app(settings: Settings) -> Starlette:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        *approval_routes.ROUTES,
+        *agent_routes.ROUTES,
+        *oauth_routes.ROUTES,
+        *task_routes.ROUTES,
+        *mcp_routes.ROUTES,
     ]
     handlers: dict[int | type[Exception], Callable[[Request, Exception], Awaitable[Response]]] = {
         ZtaiError: handle_ztai_error,

@@ -31,6 +31,11 @@ STAGE_SECONDS = Histogram(
     "ztai_stage_seconds", "Time spent in each pipeline stage", ["stage"], buckets=_STAGE_BUCKETS
 )
 UPSTREAM_ERRORS = Counter("ztai_upstream_errors_total", "Failed upstream calls", ["upstream"])
+MCP_MESSAGES = Counter(
+    "ztai_mcp_messages_total",
+    "MCP messages handled, by server, method and effect",
+    ["server", "method", "effect"],
+)
 
 # Bound children, so the hot path does no label lookups.
 STAGE = {

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import serialization
 
+from ztai.agents.approvals import ApprovalStore, preview
+from ztai.agents.guard import AgentGuard
+from ztai.agents.session import MemorySessionStore, RedisSessionStore, SessionStore
 from ztai.audit import AuditLog, AuditWriter
 from ztai.audit.ocsf import OcsfFileExporter
 from ztai.config import Settings
@@ -20,6 +23,7 @@ from ztai.detect.inspector import Inspector, load_detector
 from ztai.errors import PolicyError, ZtaiError
 from ztai.gateway.upstream import Upstreams
 from ztai.identity import KeyStore, RevocationList, TokenVerifier
+from ztai.identity.revocation import RevocationFeed
 from ztai.policy import PolicyEngine, model_entities
 from ztai.store import Database, open_database
 
@@ -48,6 +52,20 @@ def _route_inspectors(settings: Settings, canaries: CanaryDetector | None) -> di
     }
 
 
+def _session_store(settings: Settings) -> SessionStore:
+    """Agent sessions in Redis when configured (shared by replicas), else in this process."""
+    agents = settings.agents
+    if settings.store.redis_url:
+        from ztai.store.shared import async_client
+
+        return RedisSessionStore(
+            async_client(settings.store.redis_url),
+            ttl_seconds=agents.session_ttl_seconds,
+            max_values=agents.max_session_values,
+        )
+    return MemorySessionStore(ttl_seconds=agents.session_ttl_seconds, max_values=agents.max_session_values)
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -62,7 +80,10 @@ class Runtime:
     inspectors: dict[str, RouteInspectors]  # by action
     finding_key: bytes  # keys the hashes of finding values in audit records
     canaries: CanaryDetector | None  # shared by the requests' system prompts and the scans
+    agents: AgentGuard | None = None  # tool-call decisions and session taint (ztai.agents)
+    approvals: ApprovalStore | None = None
     _refresher: asyncio.Task[None] | None = None
+    _revocation_feed: RevocationFeed | None = None  # Redis pub/sub of revocations, when configured
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
@@ -96,6 +117,17 @@ class Runtime:
         )
         canaries = CanaryDetector() if settings.detect.canaries else None
         finding_key = hashlib.sha256(b"ztai finding hash\0" + raw_audit_key).digest()
+        approvals = ApprovalStore(database)
+        guard = AgentGuard.build(
+            settings,
+            policy,
+            audit.record,
+            finding_key,
+            sessions=_session_store(settings),
+            approvals=approvals,
+            canaries=canaries,
+            preview=preview,
+        )
         return cls(
             settings,
             database,
@@ -109,18 +141,27 @@ class Runtime:
             _route_inspectors(settings, canaries),
             finding_key,
             canaries,
+            guard,
+            approvals,
         )
 
     async def start(self) -> None:
         self.audit.start()
         self._refresher = asyncio.create_task(self._refresh_revocations())
+        if self.settings.store.redis_url:
+            self._revocation_feed = RevocationFeed(self.revocations, self.settings.store.redis_url)
+            self._revocation_feed.start()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_policies)
 
     async def close(self) -> None:
         if self._refresher is not None:
             self._refresher.cancel()
+        if self._revocation_feed is not None:
+            await self._revocation_feed.close()
         await self.upstreams.close()
+        if self.agents is not None:
+            await self.agents.sessions.close()
         await asyncio.to_thread(self.audit.stop)
         self.database.close()
 

@@ -60,7 +60,9 @@ class TaskGrant:
         """The grant of a task token (its claims were signed by ztai, so they are trusted as written)."""
         return cls(
             tools=tuple(str(t) for t in claims.get("tools") or ()),
-            constraints={k: {a: list(c) for a, c in v.items()} for k, v in (claims.get("constraints") or {}).items()},
+            constraints={
+                k: {a: list(c) for a, c in v.items()} for k, v in (claims.get("constraints") or {}).items()
+            },
             egress=tuple(str(h) for h in claims.get("egress") or ()),
             budget={k: int(v) for k, v in (claims.get("budget") or {}).items()},
         )
@@ -127,7 +129,9 @@ class GrantRequest:
             constraints=_constraints(details.get("constraints") or {}),
             egress=_hosts(details["egress"]) if "egress" in details else None,
             budget=_budget(details["budget"]) if "budget" in details else None,
-            ttl_seconds=_positive_int(details["ttl_seconds"], "ttl_seconds") if "ttl_seconds" in details else None,
+            ttl_seconds=_positive_int(details["ttl_seconds"], "ttl_seconds")
+            if "ttl_seconds" in details
+            else None,
         )
 
 
@@ -148,11 +152,15 @@ def attenuate(parent: TaskGrant | None, request: GrantRequest) -> TaskGrant:
     egress = parent.egress if request.egress is None else request.egress
     wider_hosts = [h for h in egress if not any(host_covered(h, p) for p in parent.egress)]
     if wider_hosts:
-        raise GrantError(f"requested egress exceeds the parent task's grant: {', '.join(sorted(wider_hosts))}")
+        raise GrantError(
+            f"requested egress exceeds the parent task's grant: {', '.join(sorted(wider_hosts))}"
+        )
     budget = dict(parent.budget)
     for kind, amount in (request.budget or {}).items():
         if kind in parent.budget and amount > parent.budget[kind]:
-            raise GrantError(f"requested {kind} budget {amount} exceeds the parent task's {parent.budget[kind]}")
+            raise GrantError(
+                f"requested {kind} budget {amount} exceeds the parent task's {parent.budget[kind]}"
+            )
         budget[kind] = amount
     constraints: dict[str, dict[str, list[Constraint]]] = {
         key: {argument: list(rules) for argument, rules in by_argument.items()}
@@ -191,7 +199,7 @@ def check_arguments(constraints: Mapping[str, list[Constraint]], arguments: Mapp
 
 def _satisfies(value: Any, kind: str, bound: Any) -> bool:
     if kind == "enum":
-        return value in bound
+        return bool(value in bound)
     if kind in ("min", "max"):
         if isinstance(value, bool) or not isinstance(value, int | float):
             return False
@@ -201,9 +209,9 @@ def _satisfies(value: Any, kind: str, bound: Any) -> bool:
         # Bounded input: patterns are short (parse() caps them) and so are the values they may match.
         return len(text) <= MAX_PATTERN_INPUT and re.fullmatch(bound, text) is not None
     if kind == "prefix":
-        return text.startswith(bound)
+        return text.startswith(str(bound))
     if kind == "max_length":
-        return len(text) <= bound
+        return len(text) <= int(bound)
     if kind == "hosts":
         host = _host_of(text)
         return host is not None and any(host_covered(host, pattern) for pattern in bound)

@@ -18,8 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ztai.identity.grants import TaskGrant
 from ztai.errors import AuthenticationError
+from ztai.identity.grants import TaskGrant
 from ztai.identity.spiffe_ids import parse_spiffe_id
 from ztai.identity.tokens import Principal
 

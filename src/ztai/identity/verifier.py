@@ -90,6 +90,15 @@ class TokenVerifier:
             raise AuthenticationError("token expired", code="token_expired")
         if self._revocations.is_revoked(principal.tenant, principal.jti):
             raise AuthenticationError("token revoked", code="token_revoked")
+        # A task token dies with any task of its chain (revoking a task revokes its sub-tasks). Only ztai
+        # mints task claims: another issuer's `task_chain` means nothing and is not looked at.
+        chain = principal.claims.get("task_chain")
+        if (
+            isinstance(chain, list)
+            and principal.issuer == self._issuer
+            and self._revocations.is_task_revoked(principal.tenant, (str(task) for task in chain))
+        ):
+            raise AuthenticationError("token revoked (its task was revoked)", code="token_revoked")
 
     def _remember(self, token: str, principal: Principal) -> None:
         if self._cache_size == 0:

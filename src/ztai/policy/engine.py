@@ -218,8 +218,11 @@ def _explain(result: Any, bundle: PolicyBundle) -> Decision:
         return Decision(effect, reasons, [], obligations, bundle.revision)
     if not reasons:
         return Decision("deny", [DEFAULT_DENY], [], [], bundle.revision)
-    soft = [bundle.annotations[r].get("effect") for r in diagnostics.reasons]
-    if not all(effect in SOFT_EFFECTS for effect in soft):
-        return Decision("deny", reasons, [], [], bundle.revision)
-    strongest = max(soft, key=lambda effect: SOFT_EFFECTS.index(effect))  # type: ignore[arg-type]
-    return Decision(strongest, reasons, [], [], bundle.revision)  # type: ignore[arg-type]
+    soft: list[Effect] = []
+    for reason in diagnostics.reasons:
+        matching = [e for e in SOFT_EFFECTS if e == bundle.annotations[reason].get("effect")]
+        if not matching:
+            return Decision("deny", reasons, [], [], bundle.revision)
+        soft.append(matching[0])
+    strongest = max(soft, key=SOFT_EFFECTS.index)
+    return Decision(strongest, reasons, [], [], bundle.revision)

@@ -13,7 +13,7 @@ from ztai.identity.spiffe_ids import parse_spiffe_id
 from ztai.policy.context import merge_context, principal_request
 from ztai.policy.engine import Decision, PolicyEngine
 
-EFFECTS = ("allow", "deny", "step_up", "allow_with_obligations")
+EFFECTS = ("allow", "deny", "step_up", "require_approval", "allow_with_obligations")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,100 @@
+"""`POST /oauth/token`: RFC 8693 token exchange, turning a subject's token and an agent's token into a
+task token (`ztai.identity.exchange` does the work; this module is the HTTP face and the policy check).
+
+The policy decision (Cedar `token.exchange`: principal the subject, resource the actor) is recorded like
+every decision and is durable before the answer; so is the `token.issued` event of the new token.
+Errors are RFC 6749 §5.2 JSON (`{"error", "error_description"}`), never cached (`Cache-Control: no-store`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ztai.audit.events import identity_event, new_event_id
+from ztai.errors import PayloadTooLarge, ZtaiError
+from ztai.gateway import metrics
+from ztai.gateway.pipeline import Call, collect_context, decide, read_body, start_recording
+from ztai.gateway.responses import JSONResponse
+from ztai.gateway.runtime import Runtime
+from ztai.identity.exchange import ExchangeError, ExchangePlan, ExchangeRequest, TokenExchange, Verdict
+
+FORM_TYPE = "application/x-www-form-urlencoded"
+NO_STORE = {"cache-control": "no-store", "pragma": "no-cache"}
+
+
+async def token_endpoint(request: Request) -> Response:
+    """The OAuth token endpoint (only the token-exchange grant)."""
+    runtime: Runtime = request.app.state.runtime
+    try:
+        return await _exchange(runtime, request)
+    except ExchangeError as exc:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=NO_STORE)
+    except PayloadTooLarge as exc:
+        return _error("invalid_request", exc.message, exc.status)
+    except ZtaiError as exc:  # store, audit or policy unavailable (503): fail closed, say so briefly
+        error = "temporarily_unavailable" if exc.status == 503 else "server_error"
+        return _error(error, exc.message, exc.status)
+
+
+def _error(error: str, description: str, status: int) -> Response:
+    return JSONResponse(
+        {"error": error, "error_description": description}, status_code=status, headers=NO_STORE
+    )
+
+
+async def _exchange(runtime: Runtime, request: Request) -> Response:
+    settings = runtime.settings
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != FORM_TYPE:
+        raise ExchangeError("invalid_request", f"the request body must be {FORM_TYPE}")
+    body = await read_body(request, settings.server.max_body_bytes)
+    exchange_request = ExchangeRequest.from_form(body, max_token_bytes=settings.identity.max_token_bytes)
+    exchange = TokenExchange(settings, runtime.keys, runtime.verifier)
+    parties = await exchange.parties_async(exchange_request)
+    call = Call(request.url.path, "token.exchange", "Agent", parties.actor.spiffe_id, body=body)
+    call.principal = parties.subject
+    recording: asyncio.Task[None] | None = None
+
+    def authorize(plan: ExchangePlan) -> Verdict:
+        nonlocal recording
+        _decide(runtime, request, call, plan)
+        recording = start_recording(runtime, call)
+        assert call.decision is not None
+        effect = call.decision.effect
+        # Obligations cannot be carried out on a token exchange: only a plain allow issues a token.
+        return Verdict(effect == "allow", call.decision_id, f"{effect}: {', '.join(call.decision.reasons)}")
+
+    try:
+        issued = exchange.exchange(exchange_request, parties, authorize)
+    finally:
+        if recording is not None:
+            await recording  # the decision is durable before any answer, allow or deny
+    details = {**issued.audit_details(), "by": "exchange", "route": call.route}
+    await runtime.audit.record(
+        identity_event(
+            "token.issued", tenant=issued.token.tenant, principal=issued.token.subject, details=details
+        )
+    )
+    return JSONResponse(issued.response(), headers=NO_STORE)
+
+
+def _decide(runtime: Runtime, request: Request, call: Call, plan: ExchangePlan) -> None:
+    """Cedar `token.exchange` with the pipeline's context plus what the exchange asks for."""
+    stage = time.perf_counter()
+    call.resource_type = plan.resource_type
+    call.context = collect_context(call, request)
+    call.context["exchange"] = plan.exchange_context()
+    delegation = plan.delegation_context()
+    if delegation is not None:
+        call.context["delegation"] = delegation
+    call.decision = decide(runtime, call)
+    call.decision_id = new_event_id("dec")
+    metrics.STAGE["decide"].observe(time.perf_counter() - stage)
+    metrics.DECISIONS.labels(call.action, call.decision.effect).inc()
+
+
+ROUTES = [Route("/oauth/token", token_endpoint, methods=["POST"])]
