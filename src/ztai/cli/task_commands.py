@@ -52,27 +52,34 @@ def revoke(
 
     Example: ztai task revoke tsk_4f1c2e9a0b7d4c3e8f6a5b2c1d0e9f8a --reason "agent misbehaved"
     """
-    settings = settings_for(config)
+    revoke_and_record(settings_for(config), tenant, "task", task_id, reason)
+    err.print(f"revoked {task_id} and its sub-tasks")
+
+
+def revoke_and_record(settings: Settings, tenant: str | None, kind: str, ident: str, reason: str) -> None:
+    """Revoke a token (`kind` "token", ident = jti) or a task (`kind` "task"): durable in the store,
+    pushed to the replicas over Redis when configured, and audited. Exits with a message on failure."""
     database, _keys, audit_log = open_audit_log(settings)
     owner = tenant or settings.trust_domain
     publisher = RedisPublisher(settings)
-    # Task tokens live at most identity.max_ttl_seconds (+ leeway): the revocation is kept that long.
+    # Tokens live at most identity.max_ttl_seconds (+ leeway): the revocation is kept that long.
     expires = time.time() + settings.identity.max_ttl_seconds + settings.identity.leeway_seconds
+    field = "task" if kind == "task" else "jti"
     try:
-        RevocationList(database, publish=publisher.callback).revoke_task(owner, task_id, expires, reason)
-        audit_log.append(
-            [
-                identity_event(
-                    "task.revoked",
-                    tenant=owner,
-                    principal=f"task:{task_id}",
-                    details={"task": task_id, "reason": reason, "by": "cli"},
-                )
-            ]
+        revocations = RevocationList(database, publish=publisher.callback)
+        if kind == "task":
+            revocations.revoke_task(owner, ident, expires, reason)
+        else:
+            revocations.revoke(owner, ident, expires, reason)
+        event = identity_event(
+            f"{kind}.revoked",
+            tenant=owner,
+            principal=f"{field}:{ident}",
+            details={field: ident, "reason": reason, "by": "cli"},
         )
+        audit_log.append([event])
     except ZtaiError as exc:
         fail(exc.message)
     finally:
         database.close()
     publisher.report()
-    err.print(f"revoked {task_id} and its sub-tasks")

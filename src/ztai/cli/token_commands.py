@@ -13,7 +13,7 @@ from rich.console import Console
 from ztai.audit import AuditLog
 from ztai.audit.events import decision_event, identity_event, new_event_id
 from ztai.cli.common import ConfigOption, fail, open_audit_log, settings_for
-from ztai.cli.task_commands import RedisPublisher
+from ztai.cli.task_commands import revoke_and_record
 from ztai.config import DEFAULT_CONFIG_PATH, Settings
 from ztai.errors import ZtaiError
 from ztai.identity import RevocationList, TokenVerifier, issue_token, parse_claims
@@ -247,29 +247,7 @@ def revoke(
 
     Example: ztai token revoke 4f1c2e9a0b7d4c3e8f6a5b2c1d0e9f8a --reason "laptop lost"
     """
-    settings = settings_for(config)
-    database, _keys, audit_log = open_audit_log(settings)
-    owner = tenant or settings.trust_domain
-    publisher = RedisPublisher(settings)
-    # Our tokens live at most max_ttl (+ leeway): the revocation needs to be kept that long only.
-    expires = time.time() + settings.identity.max_ttl_seconds + settings.identity.leeway_seconds
-    try:
-        RevocationList(database, publish=publisher.callback).revoke(owner, jti, expires, reason)
-        audit_log.append(
-            [
-                identity_event(
-                    "token.revoked",
-                    tenant=owner,
-                    principal=f"jti:{jti}",
-                    details={"jti": jti, "reason": reason, "by": "cli"},
-                )
-            ]
-        )
-    except ZtaiError as exc:
-        fail(exc.message)
-    finally:
-        database.close()
-    publisher.report()
+    revoke_and_record(settings_for(config), tenant, "token", jti, reason)
     err.print(f"revoked {jti}")
 
 
