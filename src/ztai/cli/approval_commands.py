@@ -59,33 +59,27 @@ def list_approvals(
 
 
 def _table(rows: list[Approval]) -> Table:
-    # Ids and names are copied into other commands: never cut them short, fold them if they must wrap.
-    table = Table(
-        Column("id", no_wrap=True, min_width=28),
-        Column("status", no_wrap=True),
-        Column("tenant", overflow="fold"),
-        Column("task", overflow="fold"),
-        Column("principal", overflow="fold"),
-        Column("call", overflow="fold"),
-        Column("preview", overflow="fold", ratio=2),
-        Column("reasons", overflow="fold"),
-        Column("expires", no_wrap=True),
-    )
-    for row in rows:
+    """One block of `field  value` lines per approval: readable in any terminal width (nine columns
+    side by side are not). Ids and names fold when they must wrap; they are never cut short."""
+    table = Table.grid(Column(style="bold", no_wrap=True), Column(overflow="fold"), padding=(0, 2))
+    for index, row in enumerate(rows):
         document = approval_json(row)
-        cells = [
-            row.id,
-            row.status,
-            row.tenant,
-            row.task_id,
-            row.principal,
-            f"{row.server}/{row.tool}",
-            row.preview,
-            ", ".join(document["reasons"]),
-            document["expires_at"][:19],
-        ]
-        # Text, not markup: previews and names come from agents' calls ("[...]" must print as it is).
-        table.add_row(*(Text(cell) for cell in cells))
+        fields = {
+            "id": row.id,
+            "status": row.status,
+            "call": f"{row.server}/{row.tool}",
+            "task": row.task_id,
+            "principal": row.principal,
+            "tenant": row.tenant,
+            "preview": row.preview,
+            "reasons": ", ".join(document["reasons"]),
+            "expires": document["expires_at"][:19],
+        }
+        if index:
+            table.add_row("", "")
+        for name, value in fields.items():
+            # Text, not markup: previews and names come from agents' calls ("[...]" must print as it is).
+            table.add_row(name, Text(value))
     return table
 
 
