@@ -18,12 +18,13 @@ import hashlib
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
 from ztai.agents.annotations import ToolProfile, tool_profile
-from ztai.agents.provenance import Digest, argument_values, observe_text
+from ztai.agents.approvals import ApprovalStore, call_hash, preview
+from ztai.agents.provenance import Digest, Observed, argument_values, observe_text
 from ztai.agents.session import (
     FLAG_SUSPICIOUS,
     FLAG_TRUSTED,
@@ -34,16 +35,15 @@ from ztai.agents.session import (
 )
 from ztai.audit.events import decision_event, identity_event, new_event_id
 from ztai.config import AgentSettings, McpServerSettings, Settings
-from ztai.detect.base import Detector
+from ztai.detect.base import Detector, Source
 from ztai.detect.canary import CanaryDetector
 from ztai.detect.injection import InjectionDetector, InjectionModel
-from ztai.detect.inspector import Inspector, audit_findings
+from ztai.detect.inspector import Inspection, Inspector, audit_findings
 from ztai.errors import ApprovalRequired, PermissionDenied, PolicyEvaluationError, StepUpRequired
 from ztai.identity.grants import url_hosts
 from ztai.identity.task_tokens import TaskClaims, task_claims
 from ztai.identity.tokens import Principal
-from ztai.policy import Decision, PolicyEngine, default_context, principal_request, token_context
-from ztai.policy.context import clock
+from ztai.policy import Decision, PolicyEngine, principal_context, principal_request
 
 Recorder = Callable[[dict[str, Any]], Awaitable[object]]
 MAX_INPUT_DEPTH = 8
@@ -115,27 +115,6 @@ class Observation:
         }
 
 
-class Approvals(Protocol):
-    """The slice of `ztai.agents.approvals.ApprovalStore` the guard uses (synchronous: run in a thread)."""
-
-    def request(
-        self,
-        *,
-        tenant: str,
-        task_id: str,
-        principal: str,
-        server: str,
-        tool: str,
-        call_hash: str,
-        preview: str,
-        reasons: list[str],
-        decision_id: str,
-        ttl_seconds: int,
-    ) -> Any: ...
-
-    def consume(self, *, tenant: str, task_id: str, call_hash: str) -> str | None: ...
-
-
 @dataclass
 class AgentGuard:
     settings: AgentSettings
@@ -146,9 +125,8 @@ class AgentGuard:
     inspector: Inspector  # detectors for tool output (findings -> audit and session flag)
     injection: InjectionModel | None  # for suspicious windows (value provenance)
     key: bytes  # deployment secret: value-key hashes, call hashes
-    approvals: Approvals | None = None
+    approvals: ApprovalStore | None = None
     canaries: CanaryDetector | None = None
-    preview: Callable[[Mapping[str, Any]], str] | None = None
     _tools: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # server -> name -> def
 
     @classmethod
@@ -160,9 +138,8 @@ class AgentGuard:
         key: bytes,
         *,
         sessions: SessionStore | None = None,
-        approvals: Approvals | None = None,
+        approvals: ApprovalStore | None = None,
         canaries: CanaryDetector | None = None,
-        preview: Callable[[Mapping[str, Any]], str] | None = None,
     ) -> AgentGuard:
         """A guard with the configured detectors for tool output and an in-process session store unless
         another (Redis) is given."""
@@ -185,7 +162,6 @@ class AgentGuard:
             key,
             approvals=approvals,
             canaries=canaries,
-            preview=preview,
         )
 
     def __post_init__(self) -> None:
@@ -242,10 +218,10 @@ class AgentGuard:
         effect: str = decision.effect
         approval_id: str | None = None
         decision_id = new_event_id("dec")
-        call_hash = self.call_hash(server, tool, arguments)
+        hashed_call = self.call_hash(server, tool, arguments)
         if task is not None and effect == "require_approval" and self.approvals is not None:
             effect, approval_id, reasons = await self._approval(
-                principal, task, server, tool, arguments, call_hash, reasons, decision_id
+                principal, task, server, tool, arguments, hashed_call, reasons, decision_id
             )
         if task is not None and effect in ("allow", "allow_with_obligations"):
             over = await self._spend_budget(principal.tenant, task)
@@ -267,7 +243,7 @@ class AgentGuard:
                 "jti": principal.jti,
                 "subject": principal.spiffe_id,
                 "task": task.task_id if task else "",
-                "call_hash": call_hash,
+                "call_hash": hashed_call,
                 "ip": ip,
                 "provenance": {k: context["tool"][k] for k in _PROVENANCE_KEYS},
                 "approval_id": approval_id,
@@ -278,8 +254,7 @@ class AgentGuard:
 
     def call_hash(self, server: str, tool: str, arguments: Mapping[str, Any]) -> str:
         """A keyed hash naming one exact call (server, tool, arguments): approvals match retries by it."""
-        canonical = orjson.dumps([server, tool, arguments], option=orjson.OPT_SORT_KEYS)
-        return hashlib.blake2b(canonical, key=self._call_key[:64], digest_size=20).hexdigest()
+        return call_hash(self._call_key, server, tool, arguments)
 
     async def _provenance(
         self,
@@ -288,6 +263,8 @@ class AgentGuard:
         profile: ToolProfile,
         arguments: Mapping[str, Any],
     ) -> tuple[SessionState, dict[str, list[str]]]:
+        if task is None:  # no session to look values up in
+            return SessionState(), {"untrusted": [], "suspicious": [], "unseen": []}
         by_argument = argument_values(arguments)
         sensitive = set(profile.sensitive_arguments)
         # Whole values of sensitive arguments; entities (e-mails, URLs, IBANs, phones) of every argument.
@@ -297,8 +274,6 @@ class AgentGuard:
         }
         hashed = {name: [self._digest(keys) for keys in groups] for name, groups in values.items()}
         every_key = {key for groups in hashed.values() for keys in groups for key in keys}
-        if task is None:
-            return SessionState(), {"untrusted": [], "suspicious": [], "unseen": []}
         state, seen = await self.sessions.lookup(principal.tenant, task.root, every_key)
         untrusted, suspicious, unseen = set(), set(), set()
         for name, groups in hashed.items():
@@ -331,21 +306,17 @@ class AgentGuard:
         route: str,
         ip: str,
     ) -> dict[str, Any]:
-        context = default_context()
-        context["tenant"] = principal.tenant
-        context["principal_kind"] = "agent" if task else principal.kind
-        context["token"] = token_context(principal.claims, principal.issuer)
-        context["network"] = {"ip": ip}
-        context["time"] = clock()
-        context["request"] = {"route": route, "stream": False, "bytes": len(orjson.dumps(arguments))}
+        context = principal_context(
+            principal.tenant,
+            "agent" if task else principal.kind,
+            principal.claims,
+            principal.issuer,
+            ip=ip,
+            route=route,
+            size=len(orjson.dumps(arguments)),
+        )
         if task is not None:
-            context["delegation"] = {
-                "task": task.task_id,
-                "depth": task.depth,
-                "subject": task.subject,
-                "actor": task.actor,
-                "actors": list(task.actors),
-            }
+            context["delegation"] = task.context()
         context["session"] = state.context()
         context["tool"] = {
             "server": profile.server,
@@ -404,7 +375,7 @@ class AgentGuard:
                 server=server,
                 tool=tool,
                 call_hash=call_hash,
-                preview=self.preview(arguments) if self.preview else "",
+                preview=preview(arguments),
                 reasons=reasons,
                 decision_id=decision_id,
                 ttl_seconds=self.settings.approval_ttl_seconds,
@@ -438,21 +409,11 @@ class AgentGuard:
         content = content[:MAX_OBSERVED_CHARS]
         if trusted is None:
             trusted = source == "user" or self._trusted_tool(server, tool)
-        detect_source = (
-            "user" if source == "user" else ("document" if source == "document" else "tool_output")
-        )
-        inspection = await asyncio.to_thread(self.inspector.inspect, [(detect_source, content)])  # type: ignore[list-item]
+        detect_source: Source = source if source in ("user", "document") else "tool_output"  # type: ignore[assignment]
+        inspection, observed = await asyncio.to_thread(self._scan, content, detect_source, trusted)
         findings = audit_findings(inspection, self.key)
         summary = inspection.context()
         flagged = not trusted and bool(summary["injection_flagged"])
-        observed = await asyncio.to_thread(
-            observe_text,
-            content,
-            trusted=trusted,
-            digest=self._digest,
-            model=self.injection,
-            suspicion=self.settings.suspicion_threshold,
-        )
         origin = f"mcp:{server}/{tool}" if server else source
         state = SessionState()
         if task is not None:
@@ -478,6 +439,23 @@ class AgentGuard:
         return Observation(
             event["id"], trusted, flagged, int(summary["injection_score"]), findings, state.context()
         )
+
+    def _scan(self, content: str, source: Source, trusted: bool) -> tuple[Inspection, Observed]:
+        """Detectors and value keys of one content item, in one worker thread: the injection detector's
+        analysis (cached for this text) also gives the window scores of value provenance."""
+        inspection = self.inspector.inspect([(source, content)])
+        detector = next((d for d in self.inspector.detectors if isinstance(d, InjectionDetector)), None)
+        model = detector.model if detector is not None else self.injection
+        analysis = detector.analyze(content, source) if detector is not None and not trusted else None
+        observed = observe_text(
+            content,
+            trusted=trusted,
+            digest=self._digest,
+            model=model,
+            suspicion=self.settings.suspicion_threshold,
+            analysis=analysis,
+        )
+        return inspection, observed
 
     def _trusted_tool(self, server: str, tool: str) -> bool:
         server_settings = self.settings.mcp_servers.get(server)

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ztai.detect.injection import InjectionModel, window_scores
+from ztai.detect.injection import Analysis, InjectionModel, window_scores
 
 MAX_TEXT = 200_000  # characters of one content item that are indexed
 MAX_NGRAM = 4  # word sequences up to this long are remembered as values
@@ -159,14 +159,24 @@ class Observed:
 
 
 def observe_text(
-    text: str, *, trusted: bool, digest: Digest, model: InjectionModel | None, suspicion: float
+    text: str,
+    *,
+    trusted: bool,
+    digest: Digest,
+    model: InjectionModel | None,
+    suspicion: float,
+    analysis: Analysis | None = None,
 ) -> Observed:
     """Reduce a content item to hashed value keys; for untrusted content also mark the keys that occur in
-    windows whose injection probability reaches `suspicion`."""
+    windows whose injection probability reaches `suspicion`. `analysis`: the injection detector's
+    analysis of `text` when it already ran (its window scores are reused, not computed again)."""
     observed = Observed(values=digest(text_values(text)))
     if trusted or model is None or not text.strip():
         return observed
-    scores = window_scores(text[:MAX_TEXT], "tool_output", model)
+    if analysis is not None:
+        scores = analysis.window_probabilities(model)
+    else:
+        scores = window_scores(text[:MAX_TEXT], "tool_output", model)
     observed.max_probability = max((p for _, _, p in scores), default=0.0)
     for start, end, probability in scores:
         if probability >= suspicion:

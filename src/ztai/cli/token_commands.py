@@ -27,8 +27,7 @@ from ztai.identity.exchange import (
     TokenExchange,
     Verdict,
 )
-from ztai.policy import PolicyEngine, default_context, model_entities, principal_request, token_context
-from ztai.policy.context import clock
+from ztai.policy import PolicyEngine, model_entities, principal_context, principal_request
 
 app = typer.Typer(help="Issue and revoke tokens.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage signing keys.", no_args_is_help=True)
@@ -199,17 +198,10 @@ def policy_authorizer(settings: Settings, audit_log: AuditLog) -> Authorize:
 
     def authorize(plan: ExchangePlan) -> Verdict:
         subject, actor = plan.parties.subject, plan.parties.actor
-        context = default_context()
-        context.update(
-            tenant=subject.tenant,
-            principal_kind=subject.kind,
-            token=token_context(subject.claims, subject.issuer),
-            time=clock(),
-            request={"route": "cli:token exchange", "stream": False, "bytes": 0},
-            exchange=plan.exchange_context(),
+        context = principal_context(
+            subject.tenant, subject.kind, subject.claims, subject.issuer, ip="", route="cli:token exchange"
         )
-        if (delegation := plan.delegation_context()) is not None:
-            context["delegation"] = delegation
+        context.update(plan.policy_context())
         request = principal_request(
             subject.spiffe_id, subject.kind, "token.exchange", plan.resource_type, actor.spiffe_id, context
         )

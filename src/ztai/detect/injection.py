@@ -365,6 +365,16 @@ class Analysis:
     end: int
     cues: tuple[str, ...]  # the strongest n-grams of that window (normalised text)
     normalized: NormalizedText
+    windows: tuple[tuple[int, int, float], ...] = ()  # every window: (start, end) normalised, logit
+
+    def window_probabilities(self, model: InjectionModel) -> list[tuple[int, int, float]]:
+        """Every window as (start, end, probability), spans in the ORIGINAL text."""
+        if len(self.windows) == 1:
+            return [(0, self.normalized.original_length, model.probability(self.windows[0][2]))]
+        return [
+            (*self.normalized.span_to_original(start, end), model.probability(logit))
+            for start, end, logit in self.windows
+        ]
 
 
 def analyze(text: str, source: str, model: InjectionModel) -> Analysis:
@@ -375,9 +385,11 @@ def analyze(text: str, source: str, model: InjectionModel) -> Analysis:
     best_logit = -math.inf
     best = (0, len(normalized.text))
     spans = windows(len(normalized.text), model.config)
+    scored: list[tuple[int, int, float]] = []
     for start, end in spans:
         ids = features.ids if len(spans) == 1 else features.window(start, end)[0]
         logit = model.window_logit(ids, group)
+        scored.append((start, end, logit))
         if logit > best_logit:
             best_logit, best = logit, (start, end)
     orig_start, orig_end = normalized.span_to_original(*best)
@@ -390,25 +402,14 @@ def analyze(text: str, source: str, model: InjectionModel) -> Analysis:
         end=orig_end,
         cues=(),
         normalized=normalized,
+        windows=tuple(scored),
     )
 
 
 def window_scores(text: str, source: str, model: InjectionModel) -> list[tuple[int, int, float]]:
     """Every scored window of `text` as (start, end, probability), spans in the ORIGINAL text. Used to
     find which parts of a long document look like instructions (value provenance in ztai.agents)."""
-    normalized = normalize(text)
-    group = source_group(source)
-    features = featurize(normalized.text, model.config)
-    spans = windows(len(normalized.text), model.config)
-    scored: list[tuple[int, int, float]] = []
-    for start, end in spans:
-        ids = features.ids if len(spans) == 1 else features.window(start, end)[0]
-        probability = model.probability(model.window_logit(ids, group))
-        if len(spans) == 1:
-            scored.append((0, len(text), probability))
-        else:
-            scored.append((*normalized.span_to_original(start, end), probability))
-    return scored
+    return analyze(text, source, model).window_probabilities(model)
 
 
 _STOP_TEXT = (

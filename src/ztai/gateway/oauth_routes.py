@@ -87,10 +87,7 @@ def _decide(runtime: Runtime, request: Request, call: Call, plan: ExchangePlan) 
     stage = time.perf_counter()
     call.resource_type = plan.resource_type
     call.context = collect_context(call, request)
-    call.context["exchange"] = plan.exchange_context()
-    delegation = plan.delegation_context()
-    if delegation is not None:
-        call.context["delegation"] = delegation
+    call.context.update(plan.policy_context())
     call.decision = decide(runtime, call)
     call.decision_id = new_event_id("dec")
     metrics.STAGE["decide"].observe(time.perf_counter() - stage)

@@ -31,8 +31,8 @@ from ztai.errors import (
 from ztai.gateway import metrics
 from ztai.gateway.runtime import Runtime
 from ztai.identity import Principal
-from ztai.policy import Decision, default_context, principal_request, token_context
-from ztai.policy.context import clock
+from ztai.policy import Decision, principal_request
+from ztai.policy.context import principal_context
 
 
 @dataclass
@@ -116,17 +116,16 @@ async def authenticate(runtime: Runtime, request: Request) -> Principal:
 def collect_context(call: Call, request: Request) -> dict[str, Any]:
     assert call.principal is not None
     principal = call.principal
-    context = default_context()
-    context["tenant"] = principal.tenant
-    context["principal_kind"] = principal.kind
-    context["token"] = token_context(principal.claims, principal.issuer)
-    context["network"] = {"ip": request.client.host if request.client else ""}
-    context["time"] = clock()
-    context["request"] = {
-        "route": call.route,
-        "stream": bool(call.payload.get("stream")),
-        "bytes": len(call.body),
-    }
+    context = principal_context(
+        principal.tenant,
+        principal.kind,
+        principal.claims,
+        principal.issuer,
+        ip=request.client.host if request.client else "",
+        route=call.route,
+        stream=bool(call.payload.get("stream")),
+        size=len(call.body),
+    )
     if call.content is not None:
         context["content"] = call.content
     return context

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import serialization
 
-from ztai.agents.approvals import ApprovalStore, preview
+from ztai.agents.approvals import ApprovalStore
 from ztai.agents.guard import AgentGuard
 from ztai.agents.session import MemorySessionStore, RedisSessionStore, SessionStore
 from ztai.audit import AuditLog, AuditWriter
@@ -126,7 +126,6 @@ class Runtime:
             sessions=_session_store(settings),
             approvals=approvals,
             canaries=canaries,
-            preview=preview,
         )
         return cls(
             settings,

@@ -19,7 +19,7 @@ from ztai.errors import MalformedRequest
 from ztai.gateway.admin import admit_admin
 from ztai.gateway.responses import JSONResponse
 from ztai.gateway.runtime import Runtime
-from ztai.identity.revocation import TASK_ID
+from ztai.identity.task_tokens import TASK_ID
 
 MAX_REASON = 500
 

@@ -172,29 +172,22 @@ class ExchangePlan:
         """The Cedar entity type of the actor (the resource of `token.exchange`)."""
         return "Agent" if self.parties.actor.kind == "agent" else "Service"
 
-    def exchange_context(self) -> dict[str, Any]:
-        """`context.exchange` for the policy decision."""
-        return {
-            "tools": list(self.task.grant.tools),
-            "unlisted_tools": list(self.unlisted),
-            "egress": list(self.task.grant.egress),
-            "delegated": self.parties.parent is not None,
-            "depth": self.task.depth,
-            "ttl_seconds": self.ttl_seconds,
+    def policy_context(self) -> dict[str, Any]:
+        """What the exchange adds to the policy context: `context.exchange`, and `context.delegation`
+        when the subject is itself a task token (the request is made within the parent task)."""
+        context: dict[str, Any] = {
+            "exchange": {
+                "tools": list(self.task.grant.tools),
+                "unlisted_tools": list(self.unlisted),
+                "egress": list(self.task.grant.egress),
+                "delegated": self.parties.parent is not None,
+                "depth": self.task.depth,
+                "ttl_seconds": self.ttl_seconds,
+            }
         }
-
-    def delegation_context(self) -> dict[str, Any] | None:
-        """`context.delegation`: the task the request is made in (the subject's), None outside one."""
-        parent = self.parties.parent
-        if parent is None:
-            return None
-        return {
-            "task": parent.task_id,
-            "depth": parent.depth,
-            "subject": parent.subject,
-            "actor": parent.actor,
-            "actors": list(parent.actors),
-        }
+        if self.parties.parent is not None:
+            context["delegation"] = self.parties.parent.context()
+        return context
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,11 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 
 from ztai.errors import MalformedRequest, StoreError
+from ztai.identity.task_tokens import TASK_ID
 from ztai.store import Database, RevokedTask, RevokedToken
 from ztai.store.shared import PubSubChannel
 
 REVOCATION_CHANNEL = "ztai:revocations"  # the Redis pub/sub channel of revocation notices
-TASK_ID = re.compile(r"^tsk_[0-9a-f]{8,64}$")
 _JTI = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _MAX_TENANT = 255
 _MAX_NOTICE_LIFETIME = 86_400.0  # a notice cannot make the list remember anything for longer than a day

@@ -24,7 +24,7 @@ from ztai.identity.spiffe_ids import parse_spiffe_id
 from ztai.identity.tokens import Principal
 
 TASK_CLAIMS = frozenset({"task", "task_chain", "act", "constraints", "egress", "budget"})
-_TASK_ID = re.compile(r"^tsk_[0-9a-f]{8,64}$")
+TASK_ID = re.compile(r"^tsk_[0-9a-f]{8,64}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +48,16 @@ class TaskClaims:
     @property
     def root(self) -> str:
         return self.chain[0]
+
+    def context(self) -> dict[str, Any]:
+        """`context.delegation` for a request made within this task."""
+        return {
+            "task": self.task_id,
+            "depth": self.depth,
+            "subject": self.subject,
+            "actor": self.actor,
+            "actors": list(self.actors),
+        }
 
 
 def act_claim(actors: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -76,11 +86,11 @@ def task_claims(principal: Principal, own_issuer: str) -> TaskClaims | None:
     if "task" not in claims or principal.issuer != own_issuer:
         return None
     task_id, chain = claims.get("task"), claims.get("task_chain")
-    if not isinstance(task_id, str) or not _TASK_ID.match(task_id):
+    if not isinstance(task_id, str) or not TASK_ID.match(task_id):
         raise AuthenticationError("malformed task claim", code="invalid_token")
     if not isinstance(chain, list) or not chain or chain[-1] != task_id:
         raise AuthenticationError("malformed task_chain claim", code="invalid_token")
-    if not all(isinstance(t, str) and _TASK_ID.match(t) for t in chain):
+    if not all(isinstance(t, str) and TASK_ID.match(t) for t in chain):
         raise AuthenticationError("malformed task_chain claim", code="invalid_token")
     actors = act_chain(claims.get("act"))
     if len(actors) != len(chain):

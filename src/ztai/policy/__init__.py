@@ -4,6 +4,7 @@ from ztai.policy.context import (
     default_context,
     merge_context,
     model_entities,
+    principal_context,
     principal_request,
     token_context,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "load_bundle",
     "merge_context",
     "model_entities",
+    "principal_context",
     "principal_request",
     "token_context",
 ]

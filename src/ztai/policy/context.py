@@ -84,6 +84,28 @@ def token_context(claims: Mapping[str, Any], issuer: str) -> dict[str, Any]:
     return token
 
 
+def principal_context(
+    tenant: str,
+    principal_kind: str,
+    claims: Mapping[str, Any],
+    issuer: str,
+    *,
+    ip: str,
+    route: str,
+    stream: bool = False,
+    size: int = 0,
+) -> dict[str, Any]:
+    """The complete context of a request by a verified principal: defaults, then who asks (tenant, kind,
+    token claims), from where and when, and the request's shape. Callers add what their stage learns."""
+    context = default_context()
+    context["tenant"] = tenant
+    context["principal_kind"] = principal_kind
+    context["token"] = token_context(claims, issuer)
+    context["network"] = {"ip": ip}
+    context["request"] = {"route": route, "stream": stream, "bytes": size}
+    return context
+
+
 def merge_context(overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Defaults with `overrides` deep-merged on top (used by policy tests and what-if tools)."""
     merged = default_context()
