@@ -140,6 +140,16 @@ class RouteDetectors(_Section):
         return names
 
 
+class VaultSettings(_Section):
+    """Session tokenization vaults (ztai.detect.vault): requests naming a session (`x-ztai-session`, or
+    a task token's root task) share placeholders, and the values are kept encrypted in the store."""
+
+    enabled: bool = True
+    ttl_seconds: int = Field(3600, ge=60, le=30 * 86400)  # after the session's last tokenizing request
+    max_entries: int = Field(10_000, ge=1, le=1_000_000)  # per session; beyond: redacted for good
+    purge_interval_seconds: float = Field(60.0, gt=0)
+
+
 class DetectSettings(_Section):
     """Which content detectors run on which route (ztai.detect); policy decides what findings mean."""
 
@@ -149,6 +159,7 @@ class DetectSettings(_Section):
     # Put a canary token into every chat request's system prompt (one per session, `x-ztai-session`
     # header, else per request); its appearance in an answer or a request is a leak (context.content.canary).
     canaries: bool = False
+    vault: VaultSettings = VaultSettings()
 
 
 class ToolSettings(_Section):

@@ -12,6 +12,7 @@ from ztai.detect.base import Finding, Source
 from ztai.detect.canary import CanaryDetector
 from ztai.detect.inspector import Inspection, Inspector
 from ztai.detect.redact import TokenVault, redact, restore, select_spans, span_hash
+from ztai.detect.vault import SessionVault
 from ztai.gateway.content import StreamFilter, filter_completion, filter_sse, inspect_request
 
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.]+")
@@ -62,7 +63,7 @@ def test_span_hash_is_keyed() -> None:
     assert span_hash("123-45-6789", b"k1") == span_hash("123-45-6789", b"k1")
 
 
-def test_request_inspection_covers_every_message_and_applies_obligations() -> None:
+async def test_request_inspection_covers_every_message_and_applies_obligations() -> None:
     payload = {
         "model": "m",
         "messages": [
@@ -75,19 +76,19 @@ def test_request_inspection_covers_every_message_and_applies_obligations() -> No
     assert [s.source for s in content.inspection.scanned] == ["user", "user", "tool_output"]
     context = content.inspection.context()
     assert context["pii_types"] == ["EMAIL_ADDRESS"] and context["secret_types"] == ["OPENAI_API_KEY"]
-    assert content.apply(payload, [], TokenVault()) is None  # no obligation: unchanged
-    vault = TokenVault()
-    body = content.apply(payload, ["tokenize"], vault)
+    assert await content.apply(payload, [], SessionVault()) is None  # no obligation: unchanged
+    vault = SessionVault()
+    body = await content.apply(payload, ["tokenize"], vault)
     assert body is not None
     forwarded = orjson.loads(body)
     assert "sk-ABC" not in body.decode() and "example.org" not in body.decode()
     assert forwarded["messages"][1]["content"][0]["text"] == "my key is <OPENAI_API_KEY_1>"
-    assert restore(forwarded["messages"][2]["content"], vault) == "customer: ana@example.org"
+    assert restore(forwarded["messages"][2]["content"], vault.tokens) == "customer: ana@example.org"
 
 
-def test_completion_output_is_scanned_redacted_and_the_callers_values_restored() -> None:
-    vault = TokenVault()
-    placeholder = vault.placeholder_for("EMAIL_ADDRESS", "ana@example.org")  # the caller's, from input
+async def test_completion_output_is_scanned_redacted_and_the_callers_values_restored() -> None:
+    vault = SessionVault()
+    placeholder = vault.tokens.placeholder_for("EMAIL_ADDRESS", "ana@example.org")  # the caller's, from input
     answer = {
         "choices": [{"message": {"role": "assistant", "content": f"Mail {placeholder}; also bo@example.org"}}]
     }
@@ -97,23 +98,23 @@ def test_completion_output_is_scanned_redacted_and_the_callers_values_restored()
         decided.append(inspection)
         return True
 
-    body, inspection = filter_completion(orjson.dumps(answer), INSPECTOR, decide, vault)
+    body, inspection = await filter_completion(orjson.dumps(answer), INSPECTOR, decide, vault)
     content = orjson.loads(body)["choices"][0]["message"]["content"]
     assert content == "Mail ana@example.org; also <EMAIL_ADDRESS_2>"
     assert [f.type for f in inspection.findings] == ["EMAIL_ADDRESS"]
 
 
-def test_stream_filter_catches_a_secret_split_across_chunks() -> None:
-    stream = StreamFilter(INSPECTOR, holdback=32, decide_output=lambda _: True, vault=TokenVault())
+async def test_stream_filter_catches_a_secret_split_across_chunks() -> None:
+    stream = StreamFilter(INSPECTOR, holdback=32, decide_output=lambda _: True, vault=SessionVault())
     deltas = ["Here is the key: sk-ABCDEF", "GHIJKLMNOP", "QRSTUVWXYZ and more text ", "that follows it."]
-    released = "".join(stream.feed(d) for d in deltas) + stream.flush()
+    released = "".join([await stream.feed(d) for d in deltas]) + await stream.flush()
     assert released == "Here is the key: <OPENAI_API_KEY_1> and more text that follows it."
 
 
-def test_stream_filter_delays_text_by_at_most_the_window() -> None:
-    stream = StreamFilter(INSPECTOR, holdback=8, decide_output=lambda _: False, vault=TokenVault())
-    assert stream.feed("short") == ""
-    assert stream.feed(" text that is longer than the window") != ""
+async def test_stream_filter_delays_text_by_at_most_the_window() -> None:
+    stream = StreamFilter(INSPECTOR, holdback=8, decide_output=lambda _: False, vault=SessionVault())
+    assert await stream.feed("short") == ""
+    assert await stream.feed(" text that is longer than the window") != ""
 
 
 async def test_sse_stream_is_rewritten_event_by_event() -> None:
@@ -142,7 +143,7 @@ async def test_sse_stream_is_rewritten_event_by_event() -> None:
     async def before_release() -> None:
         released.append(1)
 
-    stream = StreamFilter(INSPECTOR, holdback=16, decide_output=lambda _: True, vault=TokenVault())
+    stream = StreamFilter(INSPECTOR, holdback=16, decide_output=lambda _: True, vault=SessionVault())
     out = b"".join([chunk async for chunk in filter_sse(upstream(), stream, before_release)])
     texts = [
         orjson.loads(line[6:])["choices"][0]["delta"].get("content", "")
@@ -194,3 +195,34 @@ def test_add_canary_extends_the_system_prompt_or_adds_one() -> None:
     without = {"messages": [{"role": "user", "content": "hi"}]}
     body = orjson.loads(add_canary(without, "ztc-0123456789abcdef0123"))
     assert body["messages"][0]["role"] == "system" and len(body["messages"]) == 2
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 16, 100])
+async def test_a_streamed_private_key_is_held_until_its_end_line(chunk: int) -> None:
+    """A PEM key is far longer than the hold-back window: it is held from BEGIN to END, then redacted."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from ztai.detect.inspector import load_detector
+
+    key = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        .private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        .decode()
+    )
+    text = f"Here is the key:\n{key.strip()}\nKeep it safe; the rest of the answer follows with more words."
+    stream = StreamFilter(
+        Inspector([], detectors=[load_detector("secrets")]), 64, lambda _: True, SessionVault()
+    )
+    released = [await stream.feed(text[i : i + chunk]) for i in range(0, len(text), chunk)]
+    released.append(await stream.flush())
+    out = "".join(released)
+    assert (
+        out
+        == "Here is the key:\n<PRIVATE_KEY_1>\nKeep it safe; the rest of the answer follows with more words."
+    )
+    assert not any(line in out for line in key.splitlines()[1:-1])
+    # What came before the key went out long before the key's end arrived.
+    assert "".join(released[: len(released) // 2]) == "Here is the key:\n"

@@ -17,18 +17,15 @@ import hmac
 import re
 import secrets
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import orjson
-from sqlalchemy import CursorResult, Select, Update, select, text, update
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
+from sqlalchemy import Select, select, text, update
 
 from ztai.audit.events import new_event_id, now_iso
-from ztai.errors import MalformedRequest, NotFound, StoreError, ZtaiError
-from ztai.store import Approval, Database
+from ztai.errors import MalformedRequest, NotFound, ZtaiError
+from ztai.store import Approval, Database, aware, rows_changed
 
 STATUSES = ("pending", "approved", "denied", "used")
 LIST_FILTERS = (*STATUSES, "expired", "all")
@@ -86,7 +83,7 @@ class ApprovalStore:
         if ttl_seconds < 1:
             raise MalformedRequest("ttl_seconds must be positive")
         now = self._clock()
-        with self._transaction("record the approval request") as session:
+        with self._database.guarded("record the approval request") as session:
             if self._database.is_postgres:
                 # Serialise requests for the same call across replicas (SQLite's BEGIN IMMEDIATE already
                 # does): two retries racing must not both create a row.
@@ -128,7 +125,7 @@ class ApprovalStore:
         The conditional UPDATE is the arbiter: of replicas racing for one approval, exactly one sees
         a row count of 1 (PostgreSQL re-checks the WHERE after the winner commits; SQLite serialises)."""
         now = self._clock()
-        with self._transaction("consume the approval") as session:
+        with self._database.guarded("consume the approval") as session:
             candidates = session.scalars(
                 select(Approval.id)
                 .where(
@@ -139,7 +136,7 @@ class ApprovalStore:
                 .limit(5)
             ).all()
             for approval_id in candidates:
-                claimed = _rows_changed(
+                claimed = rows_changed(
                     session,
                     update(Approval)
                     .where(
@@ -157,7 +154,7 @@ class ApprovalStore:
         if not APPROVAL_ID.fullmatch(approval_id):
             raise NotFound(f"no approval {approval_id[:64]!r}")
         now = self._clock()
-        with self._session("read the approval") as session:
+        with self._database.guarded("read the approval", write=False) as session:
             approval = session.scalars(_by_id(tenant, approval_id)).first()
         if approval is None:
             raise NotFound(f"no approval {approval_id}")
@@ -181,7 +178,7 @@ class ApprovalStore:
             query = query.where(Approval.status == status, Approval.expires_at > now)
         elif status in STATUSES:
             query = query.where(Approval.status == status)
-        with self._session("list approvals") as session:
+        with self._database.guarded("list approvals", write=False) as session:
             rows = session.scalars(query).all()
         return [_reported(row, now) for row in rows]
 
@@ -203,8 +200,8 @@ class ApprovalStore:
         )
         if tenant is not None:
             statement = statement.where(Approval.tenant == tenant)
-        with self._transaction("decide the approval") as session:
-            changed = _rows_changed(session, statement)
+        with self._database.guarded("decide the approval") as session:
+            changed = rows_changed(session, statement)
             approval = session.scalars(_by_id(tenant, approval_id)).first()
         if approval is None:
             raise NotFound(f"no approval {approval_id}")
@@ -219,22 +216,6 @@ class ApprovalStore:
             raise Conflict(f"approval {approval_id} is already {current}", code="approval_decided")
         return approval
 
-    @contextmanager
-    def _transaction(self, what: str) -> Iterator[Session]:
-        try:
-            with self._database.transaction() as session:
-                yield session
-        except SQLAlchemyError as exc:
-            raise StoreError(f"cannot {what}: {type(exc).__name__}") from exc
-
-    @contextmanager
-    def _session(self, what: str) -> Iterator[Session]:
-        try:
-            with self._database.sessions() as session:
-                yield session
-        except SQLAlchemyError as exc:
-            raise StoreError(f"cannot {what}: {type(exc).__name__}") from exc
-
 
 def _for_call(tenant: str, task_id: str, call_hash: str) -> Select[Approval]:
     return select(Approval).where(
@@ -246,11 +227,6 @@ def _by_id(tenant: str | None, approval_id: str) -> Select[Approval]:
     query = select(Approval).where(Approval.id == approval_id)
     # Another tenant's approval reads as absent, so its existence does not leak.
     return query.where(Approval.tenant == tenant) if tenant is not None else query
-
-
-def _rows_changed(session: Session, statement: Update) -> int:
-    # An UPDATE's result is a CursorResult; the generic Result type does not say so.
-    return cast(CursorResult[Any], session.execute(statement)).rowcount
 
 
 def _check_lengths(**fields: tuple[str, int]) -> None:
@@ -268,14 +244,9 @@ def _reasons_json(reasons: list[str]) -> str:
     return encoded.decode()
 
 
-def _aware(value: datetime) -> datetime:
-    # SQLite returns naive datetimes; everything is stored in UTC.
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
 def status_of(approval: Approval, now: datetime) -> str:
     """The status as reported: open rows past their deadline are `expired`."""
-    if approval.status in _OPEN and _aware(approval.expires_at) <= now:
+    if approval.status in _OPEN and aware(approval.expires_at) <= now:
         return "expired"
     return approval.status
 
@@ -307,9 +278,9 @@ def approval_json(approval: Approval) -> dict[str, Any]:
         "preview": approval.preview,
         "reasons": approval_reasons(approval),
         "decision_id": approval.decision_id,
-        "created_at": _aware(approval.created_at).isoformat(),
-        "expires_at": _aware(approval.expires_at).isoformat(),
-        "decided_at": _aware(approval.decided_at).isoformat() if approval.decided_at else None,
+        "created_at": aware(approval.created_at).isoformat(),
+        "expires_at": aware(approval.expires_at).isoformat(),
+        "decided_at": aware(approval.decided_at).isoformat() if approval.decided_at else None,
         "decided_by": approval.decided_by,
     }
 

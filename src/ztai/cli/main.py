@@ -20,6 +20,7 @@ from ztai.cli import (
     scan_command,
     task_commands,
     token_commands,
+    vault_commands,
 )
 from ztai.cli.common import ConfigOption, fail, open_database_for, settings_for
 from ztai.config import DEFAULT_CONFIG_PATH, with_upstreams
@@ -41,6 +42,7 @@ app.add_typer(audit_commands.app, name="audit")
 app.add_typer(agent_commands.app, name="agents")
 app.add_typer(approval_commands.app, name="approvals")
 app.add_typer(task_commands.app, name="task")
+app.add_typer(vault_commands.app, name="vault")
 app.command("scan")(scan_command.scan)
 
 err = Console(stderr=True)

@@ -2,8 +2,9 @@
 
 `redact` replaces each finding with a typed placeholder (`<EMAIL_ADDRESS_1>`); the same value gets the
 same placeholder within one vault, so the model can still refer to it consistently. With a `TokenVault`
-the real values are kept (encrypted) for the session, and `restore` puts them back into the model's
-answer for a caller who may see them. Offsets are Python string indices (code points), so multi-byte
+the real values are kept (encrypted) and `restore` puts them back into the model's answer for a caller
+who may see them. A `TokenVault` lives for one request; `ztai.detect.vault` shares one across a session's
+requests and keeps it encrypted at rest. Offsets are Python string indices (code points), so multi-byte
 text is handled by construction.
 """
 
@@ -49,24 +50,32 @@ class TokenVault:
     _counters: dict[str, int] = field(default_factory=dict, repr=False)
     _restorable: set[str] = field(default_factory=set, repr=False)
 
+    # Set by a session vault: placeholders are numbered by the shared store, never here.
+    assigned_elsewhere: bool = False
+
     def placeholder_for(self, kind: str, value: str, *, restorable: bool = True) -> str:
         """The placeholder for `value`; `restore` gives restorable ones back (the caller's own values),
         the others stay redacted (secrets, or what the model produced by itself)."""
-        digest = hashlib.sha256(kind.encode() + b"\0" + value.encode()).digest()
-        existing = self._by_digest.get(digest)
+        existing = self._by_digest.get(_digest(kind, value))
         if existing is not None:
             return existing
+        if self.assigned_elsewhere:
+            raise LookupError(f"no placeholder was assigned for a {kind} value")
         number = self._counters.get(kind, 0) + 1
         self._counters[kind] = number
         placeholder = f"<{kind}_{number}>"
+        self.adopt(placeholder, kind, value, restorable=restorable)
+        return placeholder
+
+    def adopt(self, placeholder: str, kind: str, value: str, *, restorable: bool) -> None:
+        """Take over a placeholder assigned elsewhere (a session vault's store) for `value`."""
         nonce = os.urandom(12)
         self._sealed[placeholder] = nonce + AESGCM(self.key).encrypt(
             nonce, value.encode(), placeholder.encode()
         )
-        self._by_digest[digest] = placeholder
+        self._by_digest[_digest(kind, value)] = placeholder
         if restorable:
             self._restorable.add(placeholder)
-        return placeholder
 
     def value_of(self, placeholder: str) -> str | None:
         """The value behind a restorable placeholder (None for unknown or redacted-for-good ones)."""
@@ -83,6 +92,23 @@ class TokenVault:
         return len(self._sealed)
 
 
+@dataclass(frozen=True, slots=True)
+class Replacement:
+    """One value to replace: its kind (the finding's type), the value, and whether it may be restored."""
+
+    kind: str
+    value: str
+    restorable: bool
+
+
+def replacements(text: str, findings: Iterable[Finding], *, restorable: bool = False) -> list[Replacement]:
+    """What `redact` will replace in `text` (for assigning placeholders ahead, in a session vault)."""
+    return [
+        Replacement(f.type, text[f.start : f.end], restorable and f.detector == "pii")
+        for f in select_spans(findings)
+    ]
+
+
 def redact(
     text: str, findings: Iterable[Finding], vault: TokenVault | None = None, *, restorable: bool = False
 ) -> tuple[str, list[Finding]]:
@@ -93,13 +119,17 @@ def redact(
     chosen = select_spans(findings)
     pieces: list[str] = []
     cursor = 0
-    for finding in chosen:
+    for finding, item in zip(chosen, replacements(text, chosen, restorable=restorable), strict=True):
         pieces.append(text[cursor : finding.start])
-        keep = restorable and finding.detector == "pii"
-        pieces.append(vault.placeholder_for(finding.type, text[finding.start : finding.end], restorable=keep))
+        pieces.append(vault.placeholder_for(item.kind, item.value, restorable=item.restorable))
         cursor = finding.end
     pieces.append(text[cursor:])
     return "".join(pieces), chosen
+
+
+def placeholders_in(text: str) -> set[str]:
+    """The vault placeholders (`<KIND_N>`) written in `text`."""
+    return {match.group(0) for match in _PLACEHOLDER.finditer(text)}
 
 
 def restore(text: str, vault: TokenVault) -> str:
@@ -110,6 +140,10 @@ def restore(text: str, vault: TokenVault) -> str:
         return value if value is not None else match.group(0)
 
     return _PLACEHOLDER.sub(replace, text)
+
+
+def _digest(kind: str, value: str) -> bytes:
+    return hashlib.sha256(kind.encode() + b"\0" + value.encode()).digest()
 
 
 def span_hash(value: str, key: bytes) -> str:

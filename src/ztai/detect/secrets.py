@@ -544,6 +544,21 @@ _PEM_BODY = re.compile(r"(?:[A-Za-z0-9+/=\s]|\\[nr]|[A-Za-z\-]+:[^\n]{0,200}\n)*
 _PEM_MAX = 20_000
 
 
+_PEM_BEGIN = re.compile(r"-{4,5} ?BEGIN[ A-Z0-9]{0,30} PRIVATE KEY(?: BLOCK)? ?-{4,5}", _A)
+
+
+def open_private_key(text: str) -> int | None:
+    """Where a private key block begins in `text` whose END line has not come yet (None if there is
+    none, or it is longer than any key). A stream filter holds text back from there: the key's body
+    arrives in pieces that are each harmless-looking base64 until the whole block is seen."""
+    last = None
+    for found in _PEM_BEGIN.finditer(text, max(0, len(text) - _PEM_MAX)):
+        last = found
+    if last is None or _PEM_END.search(text, last.end()) is not None:
+        return None
+    return last.start()
+
+
 def _pem_span(text: str, m: re.Match[str], ends: list[int]) -> tuple[int, int, float]:
     """Span and score of a PEM private key starting at the BEGIN line; `ends`: sorted END positions."""
     i = bisect_left(ends, m.end())

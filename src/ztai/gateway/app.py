@@ -17,7 +17,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ztai.config import Settings, load_settings, with_upstreams
 from ztai.errors import StoreError, ZtaiError
-from ztai.gateway import agent_routes, approval_routes, mcp_routes, metrics, oauth_routes, task_routes
+from ztai.gateway import (
+    agent_routes,
+    approval_routes,
+    mcp_routes,
+    metrics,
+    oauth_routes,
+    task_routes,
+    vault_routes,
+)
 from ztai.gateway.openai_routes import chat_completions, embeddings, list_models
 from ztai.gateway.responses import (
     JSONResponse,
@@ -124,6 +132,7 @@ def create_app(settings: Settings) -> Starlette:
         *oauth_routes.ROUTES,
         *task_routes.ROUTES,
         *mcp_routes.ROUTES,
+        *vault_routes.ROUTES,
     ]
     handlers: dict[int | type[Exception], Callable[[Request, Exception], Awaitable[Response]]] = {
         ZtaiError: handle_ztai_error,

@@ -2,10 +2,11 @@
 
 Input: every message of the request (system, user, assistant, tool) is scanned; the findings become
 `context.content` for the decision, and the decision's obligations say what to do: `redact` replaces
-secrets and personal data with placeholders, `tokenize` does the same but keeps the values (encrypted,
-for this request) so the caller gets them back in the answer. Output: the answer is scanned too, decided
-on again with the output's findings, and redacted per that decision; streamed answers are filtered
-incrementally with a small hold-back window, so a value split across chunks is still caught.
+secrets and personal data with placeholders, `tokenize` does the same but keeps the values (encrypted:
+for the request, or in the session's vault, ztai.detect.vault) so the caller gets them back in the
+answer. Output: the answer is scanned too, decided on again with the output's findings, and redacted per
+that decision; streamed answers are filtered incrementally with a small hold-back window, so a value
+split across chunks is still caught.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import orjson
 from ztai.detect.base import Finding, Source
 from ztai.detect.canary import canary_instruction
 from ztai.detect.inspector import Inspection, Inspector, ScannedText
-from ztai.detect.redact import TokenVault, redact, restore
+from ztai.detect.redact import redact, replacements, restore
+from ztai.detect.secrets import open_private_key
+from ztai.detect.vault import SessionVault
 
 REDACTING_OBLIGATIONS = frozenset({"redact", "tokenize"})
 _ROLE_SOURCES: dict[str, Source] = {
@@ -78,18 +81,45 @@ class RequestContent:
     inspection: Inspection
     slots: list[tuple[dict[str, Any], str, ScannedText]] = field(default_factory=list)
 
-    def apply(self, payload: dict[str, Any], obligations: list[str], vault: TokenVault) -> bytes | None:
+    async def apply(
+        self, payload: dict[str, Any], obligations: list[str], vault: SessionVault
+    ) -> bytes | None:
         """Carry out redaction obligations on the payload; the new body, or None when nothing changed."""
         if not REDACTING_OBLIGATIONS & set(obligations):
             return None
-        changed = False
         tokenize = "tokenize" in obligations
-        for container, key, scanned in self.slots:
-            replaceable = [f for f in scanned.findings if f.detector in ("pii", "secrets")]
-            if replaceable:
-                container[key], _ = redact(scanned.text, replaceable, vault, restorable=tokenize)
-                changed = True
-        return orjson.dumps(payload) if changed else None
+        targets = [
+            (container, key, scanned.text, replaceable)
+            for container, key, scanned in self.slots
+            if (replaceable := _replaceable(scanned.findings))
+        ]
+        if not targets:
+            return None
+        await vault.prepare(
+            item for *_, text, found in targets for item in replacements(text, found, restorable=tokenize)
+        )
+        for container, key, text, found in targets:
+            container[key], _ = redact(text, found, vault.tokens, restorable=tokenize)
+        return orjson.dumps(payload)
+
+
+def _replaceable(findings: list[Finding]) -> list[Finding]:
+    return [f for f in findings if f.detector in ("pii", "secrets")]
+
+
+async def _redacted(text: str, findings: list[Finding], vault: SessionVault) -> str:
+    """`text` with its secrets and personal data replaced (for good: the model wrote them)."""
+    found = _replaceable(findings)
+    if not found:
+        return text
+    await vault.prepare(replacements(text, found))
+    return redact(text, found, vault.tokens)[0]
+
+
+async def _restored(text: str, vault: SessionVault) -> str:
+    """`text` with the caller's own values put back in place of the vault's placeholders."""
+    await vault.load(text)
+    return restore(text, vault.tokens)
 
 
 def inspect_request(inspector: Inspector, payload: dict[str, Any]) -> RequestContent:
@@ -123,8 +153,8 @@ def add_canary(payload: dict[str, Any], token: str) -> bytes:
 
 
 # Output ------------------------------------------------------------------------------------------
-def filter_completion(
-    body: bytes, inspector: Inspector, decide_output: Callable[[Inspection], bool], vault: TokenVault
+async def filter_completion(
+    body: bytes, inspector: Inspector, decide_output: Callable[[Inspection], bool], vault: SessionVault
 ) -> tuple[bytes, Inspection]:
     """Filter a non-streamed chat completion's message contents. `decide_output(inspection)` returns
     whether to redact (and raises when the output must be refused)."""
@@ -147,10 +177,8 @@ def filter_completion(
     )
     redact_output = decide_output(inspection)
     for message, scanned in zip(texts, inspection.scanned, strict=True):
-        text = scanned.text
-        if redact_output:
-            text, _ = redact(text, [f for f in scanned.findings if f.detector in ("pii", "secrets")], vault)
-        message["content"] = restore(text, vault)
+        text = await _redacted(scanned.text, scanned.findings, vault) if redact_output else scanned.text
+        message["content"] = await _restored(text, vault)
     return orjson.dumps(document), inspection
 
 
@@ -158,8 +186,9 @@ class StreamFilter:
     """Filters the text deltas of an SSE chat stream with a hold-back window.
 
     Text is released only once it lies more than `holdback` characters behind the newest text and no
-    finding overlaps the cut, so a secret split across chunks is still seen whole. The first token is
-    delayed by at most the window (or until the stream ends).
+    finding overlaps the cut, so a secret split across chunks is still seen whole; a private key block
+    (longer than any window) is held from its BEGIN line until its END line. The first token is delayed
+    by at most the window (or until the stream ends).
     """
 
     def __init__(
@@ -167,15 +196,16 @@ class StreamFilter:
         inspector: Inspector,
         holdback: int,
         decide_output: Callable[[Inspection], bool],
-        vault: TokenVault,
+        vault: SessionVault,
     ) -> None:
         self._inspector = inspector
         self._holdback = holdback
         self._decide_output = decide_output  # True: redact; raises when the output must be refused
         self._vault = vault
         self._pending = ""
+        self._holds_keys = "secrets" in inspector.names
 
-    def feed(self, delta: str) -> str:
+    async def feed(self, delta: str) -> str:
         """Add a delta; return the text that can be released now (possibly empty)."""
         self._pending += delta
         if len(self._pending) <= self._holdback:
@@ -185,12 +215,14 @@ class StreamFilter:
         for finding in findings:
             if finding.start < cut < finding.end:
                 cut = finding.start
+        if self._holds_keys and (opening := open_private_key(self._pending)) is not None:
+            cut = min(cut, opening)  # a private key block is released only once it is whole
         cut = self._safe_cut(cut)
-        return self._release(cut, [f for f in findings if f.end <= cut])
+        return await self._release(cut, [f for f in findings if f.end <= cut])
 
-    def flush(self) -> str:
+    async def flush(self) -> str:
         findings = self._inspector.scan(self._pending, "model_output")
-        return self._release(len(self._pending), findings)
+        return await self._release(len(self._pending), findings)
 
     def _safe_cut(self, cut: int) -> int:
         # Never split a vault placeholder such as <EMAIL_ADDRESS_1>: restore needs it whole.
@@ -199,11 +231,11 @@ class StreamFilter:
             return opening
         return cut
 
-    def _release(self, cut: int, findings: list[Finding]) -> str:
+    async def _release(self, cut: int, findings: list[Finding]) -> str:
         text, self._pending = self._pending[:cut], self._pending[cut:]
         if findings and self._decide_output(Inspection([ScannedText("model_output", text, findings)])):
-            text, _ = redact(text, [f for f in findings if f.detector in ("pii", "secrets")], self._vault)
-        return restore(text, self._vault)
+            text = await _redacted(text, findings, self._vault)
+        return await _restored(text, self._vault)
 
 
 async def filter_sse(
@@ -218,12 +250,12 @@ async def filter_sse(
         buffer += chunk
         while b"\n\n" in buffer:
             event, buffer = buffer.split(b"\n\n", 1)
-            for out in _filter_event(event, stream, template):
+            async for out in _filter_event(event, stream, template):
                 await before_release()
                 yield out
             template = _template(event) or template
     if buffer.strip():
-        for out in _filter_event(buffer, stream, template):
+        async for out in _filter_event(buffer, stream, template):
             await before_release()
             yield out
 
@@ -246,11 +278,13 @@ def _event_json(event: bytes) -> dict[str, Any] | None:
     return document if isinstance(document, dict) else None
 
 
-def _filter_event(event: bytes, stream: StreamFilter, template: dict[str, Any] | None) -> Iterator[bytes]:
+async def _filter_event(
+    event: bytes, stream: StreamFilter, template: dict[str, Any] | None
+) -> AsyncIterator[bytes]:
     document = _event_json(event)
     if document is None:
         if event.strip() == b"data: [DONE]":
-            rest = stream.flush()
+            rest = await stream.flush()
             if rest:
                 yield _content_event(template, rest)
         yield event + b"\n\n"
@@ -263,14 +297,14 @@ def _filter_event(event: bytes, stream: StreamFilter, template: dict[str, Any] |
     delta: dict[str, Any] = choice["delta"] if isinstance(choice.get("delta"), dict) else {}
     finishing = choice.get("finish_reason") is not None
     if isinstance(delta.get("content"), str):
-        released = stream.feed(delta["content"])
+        released = await stream.feed(delta["content"])
         if finishing:
-            released += stream.flush()
+            released += await stream.flush()
         delta["content"] = released
         if not released and not finishing and set(delta) <= {"content"}:
             return  # all of it held back for now
     elif finishing:
-        rest = stream.flush()
+        rest = await stream.flush()
         if rest:
             yield _content_event(document, rest)
     yield b"data: " + orjson.dumps(document) + b"\n\n"

@@ -14,7 +14,7 @@ from starlette.responses import Response, StreamingResponse
 
 from ztai.audit.events import identity_event
 from ztai.detect.inspector import Inspection, Inspector, audit_findings
-from ztai.detect.redact import TokenVault
+from ztai.detect.vault import SESSION_HEADER, SessionVault
 from ztai.errors import MalformedRequest, PermissionDenied, UpstreamError, ZtaiError
 from ztai.gateway import metrics
 from ztai.gateway.content import (
@@ -59,6 +59,7 @@ async def _model_call(request: Request, *, action: str, path: str, required: str
     if required not in payload:
         raise MalformedRequest(f"missing required field {required!r}")
     upstream = runtime.upstreams.for_model(model)  # unknown model: 404 before any decision is needed
+    vault = runtime.vault_for(principal, request.headers.get(SESSION_HEADER))  # bad header: 400
     call = Call(path, action, "Model", model, body=body, payload=payload, principal=principal)
     inspectors = runtime.inspectors.get(action)
     content = _inspect_input(runtime, call, inspectors)
@@ -67,11 +68,10 @@ async def _model_call(request: Request, *, action: str, path: str, required: str
     if not decision.allowed or runtime.settings.audit.commit_before_forward:
         await recording
         enforce(call)
-    vault = TokenVault()
     if content is not None:
-        body = content.apply(payload, decision.obligations, vault) or body
+        body = await content.apply(payload, decision.obligations, vault) or body
     if runtime.canaries is not None and action == "chat":
-        session = request.headers.get("x-ztai-session") or call.decision_id
+        session = request.headers.get(SESSION_HEADER) or call.decision_id
         body = add_canary(payload, runtime.canaries.issue(f"{principal.tenant}/{session}"))
     output = _OutputGuard(runtime, request, call, inspectors, vault)
     # Nothing is answered before the decision is durable. If the commit fails, its AuditUnavailable (503)
@@ -142,7 +142,7 @@ class _OutputGuard:
         request: Request,
         call: Call,
         inspectors: RouteInspectors | None,
-        vault: TokenVault,
+        vault: SessionVault,
     ) -> None:
         self._runtime, self._request, self._call, self._vault = runtime, request, call, vault
         self._inspector = inspectors.output if inspectors is not None else None
@@ -151,7 +151,7 @@ class _OutputGuard:
 
     @property
     def active(self) -> bool:
-        return self._inspector is not None or len(self._vault) > 0
+        return self._inspector is not None or len(self._vault) > 0 or self._vault.shared
 
     def decide(self, inspection: Inspection) -> bool:
         """True when the output must be redacted; raises PermissionDenied when it must be refused."""
@@ -177,7 +177,7 @@ class _OutputGuard:
     async def filter_completion(self, body: bytes) -> bytes:
         inspector = self._inspector or _NO_DETECTORS
         try:
-            filtered, _ = filter_completion(body, inspector, self.decide, self._vault)
+            filtered, _ = await filter_completion(body, inspector, self.decide, self._vault)
         finally:
             await self.flush_audit()  # durable before the answer (or the refusal) goes out
         return filtered

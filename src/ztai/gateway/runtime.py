@@ -9,8 +9,6 @@ import logging
 import signal
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives import serialization
-
 from ztai.agents.approvals import ApprovalStore
 from ztai.agents.guard import AgentGuard
 from ztai.agents.session import MemorySessionStore, RedisSessionStore, SessionStore
@@ -20,10 +18,14 @@ from ztai.config import Settings
 from ztai.detect.base import Detector
 from ztai.detect.canary import CanaryDetector
 from ztai.detect.inspector import Inspector, load_detector
+from ztai.detect.vault import SessionVault, VaultKeys, session_name
+from ztai.detect.vault_store import SqlVaultStore
 from ztai.errors import PolicyError, ZtaiError
 from ztai.gateway.upstream import Upstreams
 from ztai.identity import KeyStore, RevocationList, TokenVerifier
 from ztai.identity.revocation import RevocationFeed
+from ztai.identity.task_tokens import task_claims
+from ztai.identity.tokens import Principal
 from ztai.policy import PolicyEngine, model_entities
 from ztai.store import Database, open_database
 
@@ -82,7 +84,10 @@ class Runtime:
     canaries: CanaryDetector | None  # shared by the requests' system prompts and the scans
     agents: AgentGuard | None = None  # tool-call decisions and session taint (ztai.agents)
     approvals: ApprovalStore | None = None
+    vault_keys: VaultKeys | None = None  # session tokenization vaults (None: per-request vaults only)
+    vault_store: SqlVaultStore | None = None
     _refresher: asyncio.Task[None] | None = None
+    _vault_purger: asyncio.Task[None] | None = None
     _revocation_feed: RevocationFeed | None = None  # Redis pub/sub of revocations, when configured
 
     @classmethod
@@ -112,12 +117,17 @@ class Runtime:
             exporter=exporter,
         )
         verifier = TokenVerifier(settings, keys, revocations)
-        raw_audit_key = keys.audit.private_key.private_bytes(
-            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
-        )
+        raw_audit_key = keys.audit_secret()
         canaries = CanaryDetector() if settings.detect.canaries else None
         finding_key = hashlib.sha256(b"ztai finding hash\0" + raw_audit_key).digest()
         approvals = ApprovalStore(database)
+        vault = settings.detect.vault
+        vault_keys = VaultKeys.load(raw_audit_key) if vault.enabled else None
+        vault_store = (
+            SqlVaultStore(database, ttl_seconds=vault.ttl_seconds, max_entries=vault.max_entries)
+            if vault.enabled
+            else None
+        )
         guard = AgentGuard.build(
             settings,
             policy,
@@ -142,11 +152,15 @@ class Runtime:
             canaries,
             guard,
             approvals,
+            vault_keys,
+            vault_store,
         )
 
     async def start(self) -> None:
         self.audit.start()
         self._refresher = asyncio.create_task(self._refresh_revocations())
+        if self.vault_store is not None:
+            self._vault_purger = asyncio.create_task(self._purge_vaults(self.vault_store))
         if self.settings.store.redis_url:
             self._revocation_feed = RevocationFeed(self.revocations, self.settings.store.redis_url)
             self._revocation_feed.start()
@@ -154,8 +168,9 @@ class Runtime:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_policies)
 
     async def close(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
+        for task in (self._refresher, self._vault_purger):
+            if task is not None:
+                task.cancel()
         if self._revocation_feed is not None:
             await self._revocation_feed.close()
         await self.upstreams.close()
@@ -171,6 +186,24 @@ class Runtime:
             log.error("policy reload rejected, previous policies stay active: %s", exc.message)
             return
         log.info("policies reloaded: revision %s (%d files)", bundle.revision, len(bundle.files))
+
+    def vault_for(self, principal: Principal, session_header: str | None) -> SessionVault:
+        """The tokenization vault of a request: its session's (the header, else a task token's root
+        task) when session vaults are on, else one for this request alone."""
+        task = task_claims(principal, self.settings.issuer)
+        session = session_name(session_header, task.root if task is not None else None)
+        if session is None or self.vault_keys is None or self.vault_store is None:
+            return SessionVault()
+        scope = self.vault_keys.scope(principal.tenant, principal.spiffe_id, session)
+        return SessionVault(self.vault_store, scope)
+
+    async def _purge_vaults(self, store: SqlVaultStore) -> None:
+        while True:
+            await asyncio.sleep(self.settings.detect.vault.purge_interval_seconds)
+            try:
+                await asyncio.to_thread(store.purge)
+            except ZtaiError as exc:
+                log.warning("%s", exc.message)
 
     async def _refresh_revocations(self) -> None:
         interval = self.settings.identity.revocation_refresh_seconds

@@ -108,6 +108,13 @@ class KeyStore:
         self.signing, self.audit, self._mtime = fresh.signing, fresh.audit, fresh._mtime
         return True
 
+    def audit_secret(self) -> bytes:
+        """The audit key's raw bytes: the root from which keyed hashes and the default vault key are
+        derived (never used as a key directly)."""
+        return self.audit.private_key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+
     # Use --------------------------------------------------------------------------------------
     @property
     def active(self) -> SigningKey:

@@ -29,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ztai.errors import MalformedRequest, StoreError
 from ztai.identity.task_tokens import TASK_ID
-from ztai.store import Database, RevokedTask, RevokedToken
+from ztai.store import Database, RevokedTask, RevokedToken, aware
 from ztai.store.shared import PubSubChannel
 
 REVOCATION_CHANNEL = "ztai:revocations"  # the Redis pub/sub channel of revocation notices
@@ -174,9 +174,9 @@ class RevocationList:
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot read revocations: {type(exc).__name__}") from exc
         for tenant, jti, expires_at in token_rows:
-            self._revoked[(tenant, jti)] = _aware(expires_at).timestamp()
+            self._revoked[(tenant, jti)] = aware(expires_at).timestamp()
         for tenant, task_id, expires_at in task_rows:
-            self._revoked_tasks[(tenant, task_id)] = _aware(expires_at).timestamp()
+            self._revoked_tasks[(tenant, task_id)] = aware(expires_at).timestamp()
         cutoff = time.time() - 300  # keep past the verification leeway
         for known in (self._revoked, self._revoked_tasks):
             for key in [k for k, expiry in known.items() if expiry < cutoff]:
@@ -214,8 +214,3 @@ class RevocationFeed:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
         await self.channel.close()
-
-
-def _aware(value: datetime) -> datetime:
-    # SQLite returns naive datetimes; everything is stored in UTC.
-    return value if value.tzinfo else value.replace(tzinfo=UTC)

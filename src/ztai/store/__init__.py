@@ -1,7 +1,16 @@
 """Persistence: SQLAlchemy tables and engine (SQLite embedded default, PostgreSQL for replicas)."""
 
-from ztai.store.database import Database, open_database
-from ztai.store.tables import Approval, AuditCheckpoint, AuditEvent, Base, RevokedTask, RevokedToken
+from ztai.store.database import Database, aware, open_database, rows_changed
+from ztai.store.tables import (
+    Approval,
+    AuditCheckpoint,
+    AuditEvent,
+    Base,
+    RevokedTask,
+    RevokedToken,
+    VaultEntry,
+    VaultSession,
+)
 
 __all__ = [
     "Approval",
@@ -11,5 +20,9 @@ __all__ = [
     "Database",
     "RevokedTask",
     "RevokedToken",
+    "VaultEntry",
+    "VaultSession",
+    "aware",
     "open_database",
+    "rows_changed",
 ]

@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import CursorResult, Engine, Executable, create_engine, event, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -36,6 +37,16 @@ class Database:
         with self.sessions.begin() as session:
             yield session
 
+    @contextmanager
+    def guarded(self, what: str, *, write: bool = True) -> Iterator[Session]:
+        """A transaction (or a plain session with `write=False`) whose driver errors become a
+        StoreError naming `what` (503), never a stack trace or a connection string."""
+        try:
+            with self.transaction() if write else self.sessions() as session:
+                yield session
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot {what}: {type(exc).__name__}") from exc
+
     def ping(self) -> None:
         try:
             with self.engine.connect() as connection:
@@ -56,6 +67,16 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def rows_changed(session: Session, statement: Executable) -> int:
+    """The row count of an UPDATE or DELETE (its result is a CursorResult; the generic type hides it)."""
+    return cast(CursorResult[Any], session.execute(statement)).rowcount
+
+
+def aware(value: datetime) -> datetime:
+    """A datetime read from the store, in UTC (SQLite returns naive ones; everything is stored in UTC)."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def open_database(url: str, *, sqlite_synchronous: str = "FULL", pool_size: int = 5) -> Database:

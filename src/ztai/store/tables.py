@@ -89,3 +89,34 @@ class Approval(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     decided_by: Mapped[str] = mapped_column(String(2048), default="")
+
+
+class VaultSession(Base):
+    """One tokenization vault (ztai.detect.vault): a principal's session. `scope` is a keyed hash of
+    (tenant, principal, session name), so the table names no one; the vault lives until `expires_at`,
+    which each use pushes forward."""
+
+    __tablename__ = "vault_sessions"
+
+    scope: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(255), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class VaultEntry(Base):
+    """A placeholder of a session vault. `digest` is a keyed hash of (type, value); `sealed` is the
+    value encrypted with the session's key (AES-256-GCM, bound to scope and digest), kept only for
+    values that may be given back to their owner (null for secrets and what the model wrote)."""
+
+    __tablename__ = "vault_entries"
+    __table_args__ = (Index("ux_vault_entries_digest", "scope", "digest", unique=True),)
+
+    scope: Mapped[str] = mapped_column(String(64), primary_key=True)
+    placeholder: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(48))
+    number: Mapped[int] = mapped_column(Integer)
+    digest: Mapped[str] = mapped_column(String(64))
+    sealed: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    key_id: Mapped[str] = mapped_column(String(16), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
