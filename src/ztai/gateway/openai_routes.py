@@ -59,17 +59,23 @@ async def _model_call(request: Request, *, action: str, path: str, required: str
     if required not in payload:
         raise MalformedRequest(f"missing required field {required!r}")
     upstream = runtime.upstreams.for_model(model)  # unknown model: 404 before any decision is needed
-    vault = runtime.vault_for(principal, request.headers.get(SESSION_HEADER))  # bad header: 400
+    vault = runtime.vault_for(principal, request.headers.get(SESSION_HEADER))  # bad header: 422
     call = Call(path, action, "Model", model, body=body, payload=payload, principal=principal)
     inspectors = runtime.inspectors.get(action)
     content = _inspect_input(runtime, call, inspectors)
     decision = decide_call(runtime, request, call)
+    if decision.allowed and content is not None:
+        # Before the audit commit starts: on SQLite a session vault's transaction would otherwise queue
+        # behind it. A vault that cannot be written refuses the request (503), recorded first.
+        try:
+            body = await content.apply(payload, decision.obligations, vault) or body
+        except ZtaiError:
+            await start_recording(runtime, call)
+            raise
     recording = start_recording(runtime, call)
     if not decision.allowed or runtime.settings.audit.commit_before_forward:
         await recording
         enforce(call)
-    if content is not None:
-        body = await content.apply(payload, decision.obligations, vault) or body
     if runtime.canaries is not None and action == "chat":
         session = request.headers.get(SESSION_HEADER) or call.decision_id
         body = add_canary(payload, runtime.canaries.issue(f"{principal.tenant}/{session}"))
