@@ -15,6 +15,7 @@ import httpx
 import pytest
 from aiohttp import web
 
+from tests.loopback import serving
 from ztai.agents.guard import Observation, ToolDecision
 from ztai.config import load_settings
 from ztai.errors import AuditUnavailable, ConfigError
@@ -108,14 +109,9 @@ async def mcp_server() -> AsyncIterator[FakeMcpServer]:
     server = FakeMcpServer()
     app = web.Application()
     app.router.add_route("*", "/mcp", server.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    server.url = f"http://127.0.0.1:{port}/mcp"
-    yield server
-    await runner.cleanup()
+    async with serving(app) as url:
+        server.url = f"{url}/mcp"
+        yield server
 
 
 # A fake of the agent guard (the contract of ztai.agents.guard.AgentGuard) ------------------------------------

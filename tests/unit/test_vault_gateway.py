@@ -12,6 +12,7 @@ import httpx
 import pytest
 from aiohttp import web
 
+from tests.loopback import serving
 from ztai.config import load_settings
 from ztai.gateway.app import create_app
 from ztai.gateway.runtime import Runtime
@@ -46,14 +47,9 @@ async def upstream() -> AsyncIterator[RecordingUpstream]:
     recorder = RecordingUpstream()
     app = web.Application()
     app.router.add_post("/v1/chat/completions", recorder.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    recorder.url = f"http://127.0.0.1:{port}/v1"
-    yield recorder
-    await runner.cleanup()
+    async with serving(app) as url:
+        recorder.url = f"{url}/v1"
+        yield recorder
 
 
 @dataclass
