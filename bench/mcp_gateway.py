@@ -13,7 +13,6 @@ scan of the tool's output into the task session.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -28,7 +27,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.e2e.conftest import free_port, start_gateway, stop, wait_until_ready
+from tests.e2e.conftest import exchange_form, free_port, start_gateway, stop, wait_until_ready
 from tests.mcp_servers.workspace import API_KEY_ENV
 
 VERSION = "2026-07-28"
@@ -65,14 +64,7 @@ def timed(url: str, bearer: str, method: str, params: dict[str, Any], count: int
 
 
 def task_token(root_url: str, subject: str, actor: str) -> str:
-    form = {
-        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
-        "subject_token": subject,
-        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
-        "actor_token": actor,
-        "actor_token_type": "urn:ietf:params:oauth:token-type:jwt",
-        "authorization_details": json.dumps({"type": "ztai_task", "tools": ["workspace/*"]}),
-    }
+    form = exchange_form(subject, actor, {"tools": ["workspace/*"]})
     response = httpx.post(f"{root_url}/oauth/token", data=form, timeout=10)
     response.raise_for_status()
     return str(response.json()["access_token"])

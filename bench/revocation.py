@@ -48,9 +48,11 @@ import httpx
 import redis
 from sqlalchemy import create_engine, text
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.e2e.conftest import exchange_form
+
 ZTAI = [sys.executable, "-m", "ztai.cli.main"]
-GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
-JWT = "urn:ietf:params:oauth:token-type:jwt"
 # A database of its own (created on demand, emptied before each mode): the tests reset `test` at will.
 POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/ztai_bench"
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -153,14 +155,7 @@ def cluster(store_url: str, redis_url: str, refresh: float) -> Iterator[Cluster]
 
 
 def task_token(client: httpx.Client, replica: Replica, subject: str, actor: str) -> tuple[str, str]:
-    form = {
-        "grant_type": GRANT,
-        "subject_token": subject,
-        "subject_token_type": JWT,
-        "actor_token": actor,
-        "actor_token_type": JWT,
-        "authorization_details": json.dumps({"type": "ztai_task", "tools": ["files/read_file"]}),
-    }
+    form = exchange_form(subject, actor, {"tools": ["files/read_file"]})
     response = client.post(f"{replica.url}/oauth/token", data=form)
     response.raise_for_status()
     body = response.json()

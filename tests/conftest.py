@@ -1,8 +1,9 @@
 """Shared fixtures: a ztai home (config, keys, policies) and a store on SQLite or PostgreSQL.
 
-PostgreSQL tests use $ZTAI_TEST_POSTGRES_URL (default postgresql+psycopg://postgres@127.0.0.1:5432/test).
-Where no server answers they skip with the reason, unless $ZTAI_TEST_REQUIRE_POSTGRES=1 (set by CI),
-in which case they fail.
+PostgreSQL tests use $ZTAI_TEST_POSTGRES_URL (default postgresql+psycopg://postgres@127.0.0.1:5432/test),
+Redis tests $ZTAI_TEST_REDIS_URL (default redis://127.0.0.1:6379/0). Where no server answers they skip
+with the reason, unless $ZTAI_TEST_REQUIRE_POSTGRES=1 / $ZTAI_TEST_REQUIRE_REDIS=1 (set by CI), in which
+case they fail.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from sqlalchemy import text
 
 from ztai.config import Settings, load_settings
@@ -22,6 +24,8 @@ from ztai.store import Database, open_database
 
 POSTGRES_URL = os.environ.get("ZTAI_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REQUIRE_POSTGRES = os.environ.get("ZTAI_TEST_REQUIRE_POSTGRES") == "1"
+REDIS_URL = os.environ.get("ZTAI_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REQUIRE_REDIS = os.environ.get("ZTAI_TEST_REQUIRE_REDIS") == "1"
 
 
 def postgres_available() -> str | None:
@@ -41,6 +45,20 @@ def reset_postgres() -> None:
         connection.execute(text("DROP SCHEMA public CASCADE"))
         connection.execute(text("CREATE SCHEMA public"))
     database.close()
+
+
+def redis_url_or_skip(url: str = REDIS_URL) -> str:
+    """`url` when Redis answers there; else the test skips saying why (fails under REQUIRE_REDIS)."""
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=1)
+        client.ping()
+        client.close()
+    except (redis.RedisError, OSError) as exc:
+        reason = f"Redis not reachable at {url.split('@')[-1]}: {type(exc).__name__}"
+        if REQUIRE_REDIS:
+            pytest.fail(f"{reason} (ZTAI_TEST_REQUIRE_REDIS=1)")
+        pytest.skip(reason)
+    return url
 
 
 def store_url_for(kind: str, tmp_path: Path) -> str:

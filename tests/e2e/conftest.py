@@ -11,13 +11,31 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from tests.conftest import store_url_for
+from ztai.identity.exchange import GRANT_TYPE, JWT_TOKEN_TYPE
 
 ZTAI = [sys.executable, "-m", "ztai.cli.main"]
+
+
+def exchange_form(subject: str, actor: str, details: dict[str, Any] | None = None) -> dict[str, str]:
+    """The RFC 8693 form for `POST /oauth/token`: `actor` acting for `subject`; `details` (the task's
+    tools, constraints, egress...) become a `ztai_task` authorization_details entry."""
+    form = {
+        "grant_type": GRANT_TYPE,
+        "subject_token": subject,
+        "subject_token_type": JWT_TOKEN_TYPE,
+        "actor_token": actor,
+        "actor_token_type": JWT_TOKEN_TYPE,
+    }
+    if details is not None:
+        form["authorization_details"] = orjson.dumps({"type": "ztai_task", **details}).decode()
+    return form
 
 
 def free_port() -> int:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.e2e.conftest import Gateway, start_gateway
+from tests.e2e.conftest import Gateway, exchange_form, start_gateway
 
 pytestmark = pytest.mark.e2e
 
@@ -31,14 +31,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 def task_token(gateway: Gateway, tools: list[str]) -> str:
     subject = gateway.token("emma", "tools=mail/*")
     actor = gateway.token("assistant", kind="agent")
-    form = {
-        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
-        "subject_token": subject,
-        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
-        "actor_token": actor,
-        "actor_token_type": "urn:ietf:params:oauth:token-type:jwt",
-        "authorization_details": json.dumps({"type": "ztai_task", "tools": tools, "egress": ["*"]}),
-    }
+    form = exchange_form(subject, actor, {"tools": tools, "egress": ["*"]})
     response = httpx.post(f"{gateway.root_url}/oauth/token", data=form, timeout=10)
     assert response.status_code == 200, response.text
     return str(response.json()["access_token"])

@@ -4,7 +4,6 @@ and a second replica learning a revocation through Redis pub/sub."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,29 +11,20 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 
-from tests.e2e.conftest import Gateway, free_port, start_gateway
+from tests.conftest import redis_url_or_skip
+from tests.e2e.conftest import Gateway, exchange_form, free_port, start_gateway
 
 pytestmark = pytest.mark.e2e
 GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT = "urn:ietf:params:oauth:token-type:jwt"
 HELLO = {"model": "mock", "messages": [{"role": "user", "content": "hello"}]}
-REDIS_URL = os.environ.get("ZTAI_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def exchange(
     gateway: Gateway, subject: str, actor: str, details: dict[str, Any] | None = None
 ) -> httpx.Response:
-    form = {
-        "grant_type": GRANT,
-        "subject_token": subject,
-        "subject_token_type": JWT,
-        "actor_token": actor,
-        "actor_token_type": JWT,
-    }
-    if details is not None:
-        form["authorization_details"] = json.dumps({"type": "ztai_task", **details})
+    form = exchange_form(subject, actor, details)
     return httpx.post(f"{gateway.root_url}/oauth/token", data=form, timeout=10)
 
 
@@ -158,17 +148,9 @@ def test_cli_exchange_then_cli_revoke(gateway: Gateway) -> None:
 # Two replicas, Redis ----------------------------------------------------------------------------------------
 @pytest.fixture
 def replicas(tmp_path: Path) -> Iterator[tuple[Gateway, Gateway]]:
-    try:
-        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-        client.ping()
-        client.close()
-    except (redis.RedisError, OSError) as exc:
-        reason = f"Redis not reachable at {REDIS_URL}: {type(exc).__name__}"
-        if os.environ.get("ZTAI_TEST_REQUIRE_REDIS") == "1":
-            pytest.fail(f"{reason} (ZTAI_TEST_REQUIRE_REDIS=1)")
-        pytest.skip(reason)
+    redis_url = redis_url_or_skip()
     # Replicas poll the store only every 30 s here: a revocation seen sooner came through Redis.
-    env = {"ZTAI_STORE__REDIS_URL": REDIS_URL, "ZTAI_IDENTITY__REVOCATION_REFRESH_SECONDS": "30"}
+    env = {"ZTAI_STORE__REDIS_URL": redis_url, "ZTAI_IDENTITY__REVOCATION_REFRESH_SECONDS": "30"}
     first = start_gateway(tmp_path, extra_env=env)
     second = Gateway(first.home, free_port(), first.mock_port, first.env)
     try:

@@ -19,14 +19,12 @@ import pytest
 from mcp import Client, MCPError
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.e2e.conftest import Gateway, free_port, start_gateway, stop, wait_until_ready
+from tests.e2e.conftest import Gateway, exchange_form, free_port, start_gateway, stop, wait_until_ready
 from tests.mcp_servers.workspace import API_KEY_ENV, ATTACKER
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "workspace-upstream-key-e2e"
-GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
-JWT = "urn:ietf:params:oauth:token-type:jwt"
 GRANTED = ["workspace/read_inbox", "workspace/search_files", "workspace/send_email"]
 CONSTRAINTS = {"workspace/search_files": {"query": [{"max_length": 20}]}}
 MODES = ["legacy", "auto"]  # initialize handshake; server/discover (2026-07-28)
@@ -66,15 +64,7 @@ def task_token(gateway: Gateway, tools: list[str], constraints: dict[str, Any] |
     (alice's token lists the tools she may hand on; the task's grant is what the exchange asks for)."""
     subject = gateway.token("alice", f"tools={','.join(GRANTED)}")
     actor = gateway.token("mailbot", kind="agent")
-    details = {"type": "ztai_task", "tools": tools, "constraints": constraints or {}}
-    form = {
-        "grant_type": GRANT,
-        "subject_token": subject,
-        "subject_token_type": JWT,
-        "actor_token": actor,
-        "actor_token_type": JWT,
-        "authorization_details": json.dumps(details),
-    }
+    form = exchange_form(subject, actor, {"tools": tools, "constraints": constraints or {}})
     response = httpx.post(f"{gateway.root_url}/oauth/token", data=form, timeout=10)
     assert response.status_code == 200, response.text
     return str(response.json()["access_token"])

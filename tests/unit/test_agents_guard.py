@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
+from tests.conftest import redis_url_or_skip
 from ztai.agents.annotations import SENSITIVE_META_KEY, tool_profile
 from ztai.agents.guard import AgentGuard
 from ztai.agents.provenance import Digest, argument_values, entity_values, observe_text
@@ -381,30 +382,13 @@ def test_trace_validation() -> None:
 
 
 # Session stores ---------------------------------------------------------------------------------------
-def _redis_url() -> str | None:
-    url = os.environ.get("ZTAI_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-    try:
-        import redis
-
-        redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
-        return url
-    except Exception:
-        if os.environ.get("ZTAI_TEST_REQUIRE_REDIS") == "1":
-            pytest.fail(f"Redis at {url} is required (ZTAI_TEST_REQUIRE_REDIS=1) but not reachable")
-        return None
-
-
 @pytest.mark.parametrize("kind", ["memory", "redis"])
 def test_session_stores_agree(kind: str) -> None:
     from ztai.agents.provenance import Observed
 
     async def scenario() -> None:
         if kind == "redis":
-            url = _redis_url()
-            if url is None:
-                pytest.skip(
-                    "Redis not reachable at 127.0.0.1:6379 (set ZTAI_TEST_REQUIRE_REDIS=1 to fail instead)"
-                )
+            url = redis_url_or_skip(os.environ.get("ZTAI_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
             import redis.asyncio as aioredis
 
             store: Any = RedisSessionStore(aioredis.Redis.from_url(url), ttl_seconds=60)

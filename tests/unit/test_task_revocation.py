@@ -7,7 +7,6 @@ skip with the reason, unless $ZTAI_TEST_REQUIRE_REDIS=1, in which case they fail
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.conftest import redis_url_or_skip
 from ztai.config import Settings
 from ztai.errors import AuthenticationError, MalformedRequest, StoreError
 from ztai.identity import KeyStore, RevocationList, TokenVerifier, issue_token
@@ -24,8 +24,6 @@ from ztai.identity.task_tokens import act_claim
 from ztai.store import Database
 from ztai.store.shared import publish_once
 
-REDIS_URL = os.environ.get("ZTAI_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-REQUIRE_REDIS = os.environ.get("ZTAI_TEST_REQUIRE_REDIS") == "1"
 TENANT = "example.org"
 ROOT = "tsk_" + "1" * 32
 CHILD = "tsk_" + "2" * 32
@@ -173,16 +171,7 @@ def test_notice_cannot_pin_a_revocation_forever(database: Database) -> None:
 # Redis pub/sub ---------------------------------------------------------------------------------------------------
 @pytest.fixture
 def redis_url() -> str:
-    try:
-        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-        client.ping()
-        client.close()
-    except (redis.RedisError, OSError) as exc:
-        reason = f"Redis not reachable at {REDIS_URL}: {type(exc).__name__}"
-        if REQUIRE_REDIS:
-            pytest.fail(f"{reason} (ZTAI_TEST_REQUIRE_REDIS=1)")
-        pytest.skip(reason)
-    return REDIS_URL
+    return redis_url_or_skip()
 
 
 async def started(feed: RevocationFeed) -> RevocationFeed:

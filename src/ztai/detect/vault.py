@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import os
@@ -125,7 +126,7 @@ class Scope:
         return None
 
     def _key(self, key: bytes) -> bytes:
-        return _hkdf(key, b"ztai vault scope\0" + self.id.encode())
+        return _scope_key(key, self.id)
 
     def _aad(self, digest: str) -> bytes:
         return self.id.encode() + b"\0" + digest.encode()
@@ -233,6 +234,12 @@ class SessionVault:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+
+@functools.lru_cache(maxsize=4096)
+def _scope_key(key: bytes, scope_id: str) -> bytes:
+    """A session vault's own key (derived once per session and process, not per value)."""
+    return _hkdf(key, b"ztai vault scope\0" + scope_id.encode())
 
 
 def _hkdf(secret: bytes, info: bytes) -> bytes:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.orm import Session
 
 from ztai.detect.vault import NewEntry, Scope, StoredEntry
@@ -122,9 +122,7 @@ class SqlVaultStore:
         elif now + self._ttl - aware(row.expires_at) > self._ttl / 20:
             # Pushed forward in steps of 5% of the lifetime: a conversation resending known values
             # then mostly reads, and no commit has to reach the disk.
-            session.execute(
-                update(VaultSession).where(VaultSession.scope == scope.id).values(expires_at=now + self._ttl)
-            )
+            row.expires_at = now + self._ttl
 
     def _insert(
         self, session: Session, scope: Scope, fresh: list[NewEntry], now: datetime
