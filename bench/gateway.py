@@ -57,7 +57,11 @@ LITELLM_REQUIREMENT = "litellm[proxy]==1.100.5"
 RESULTS_DIR = BENCH_DIR / "results"
 
 MODEL = "mock"
-BODY = '{"model":"mock","messages":[{"role":"user","content":"hello benchmark"}]}'
+# Every request carries a different prompt (the Lua script numbers them), so nothing that remembers a
+# text it has already seen can flatter a target; BODY is the first one (smoke test, summary).
+BODY_PREFIX = '{"model":"mock","messages":[{"role":"user","content":"hello benchmark, request '
+BODY_SUFFIX = '"}]}'
+BODY = BODY_PREFIX + "0" + BODY_SUFFIX
 JSON_MARKER = "ZTAI_BENCH_RESULT "
 STAGES = ("read", "authenticate", "decide", "audit", "upstream", "total")
 
@@ -66,17 +70,24 @@ MIN_THROUGHPUT_RATIO = 10.0
 MAX_ADDED_P50_MS = 1.5
 MAX_ADDED_P99_MS = 5.0
 
-TARGETS = ("direct", "ztai", "ztai-normal", "ztai-detect", "litellm")
-DEFAULT_TARGETS = ("direct", "ztai", "litellm")  # ztai-normal on request: --only ... --only ztai-normal
+# `ztai` is the shipped default configuration (what `ztai init` writes: content detectors on);
+# `ztai-nodetect` (detectors off) and `ztai-normal` (SQLite synchronous=NORMAL) are extra rows.
+TARGETS = ("direct", "ztai", "ztai-nodetect", "ztai-normal", "litellm")
+DEFAULT_TARGETS = ("direct", "ztai", "ztai-nodetect", "litellm")  # ztai-normal: --only ... --only ztai-normal
 
 # (label, wrk threads, wrk connections)
 LEVELS: tuple[tuple[str, int, int], ...] = (("c1", 1, 1), ("c32", 2, 32))
 
 LUA_TEMPLATE = """\
 wrk.method = "POST"
-wrk.body = [==[{body}]==]
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer {token}"
+local counter = 0
+
+request = function()
+  counter = counter + 1
+  return wrk.format(nil, nil, nil, [==[{prefix}]==] .. counter .. [==[{suffix}]==])
+end
 
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -337,7 +348,7 @@ class WrkResult:
 
 def write_lua(directory: Path, target: Target) -> Path:
     path = directory / f"{target.name}.lua"
-    path.write_text(LUA_TEMPLATE.format(body=BODY, token=target.token, marker=JSON_MARKER))
+    path.write_text(LUA_TEMPLATE.format(prefix=BODY_PREFIX, suffix=BODY_SUFFIX, token=target.token, marker=JSON_MARKER))
     return path
 
 
@@ -516,11 +527,11 @@ def compute_ratios(summary: Summary) -> None:
         direct = find(summary.results, "direct", level)
         litellm = find(summary.results, "litellm", level)
         entry: dict[str, float | None] = {}
-        for name in ("ztai", "ztai-normal", "ztai-detect"):
+        for name in ("ztai", "ztai-nodetect", "ztai-normal"):
             gateway = find(summary.results, name, level)
             if gateway and litellm and litellm.rps > 0:
                 entry[f"{name}_over_litellm_rps"] = round(gateway.rps / litellm.rps, 2)
-        for name in ("ztai", "ztai-normal", "ztai-detect", "litellm"):
+        for name in ("ztai", "ztai-nodetect", "ztai-normal", "litellm"):
             gateway = find(summary.results, name, level)
             if gateway is None or direct is None:
                 continue
@@ -749,13 +760,12 @@ def benchmark(args: argparse.Namespace, home: Path, children: Children) -> Summa
 def start_ztai(
     children: Children, ztai: list[str], config: Path, token: str, upstream_url: str, workers: int, name: str
 ) -> tuple[Target, Child]:
-    """`ztai`: token, policy and audit (detectors off); `ztai-normal`: the same with SQLite
-    synchronous=NORMAL (commits survive a crash of ztai, not a power loss); `ztai-detect`: the default
-    config with the content detectors on (prompt and answer scanned)."""
+    """`ztai`: the configuration `ztai init` writes, as shipped (content detectors on: prompt and answer
+    scanned); `ztai-nodetect`: the same with the content detectors off; `ztai-normal`: the default with
+    SQLite synchronous=NORMAL (commits survive a crash of ztai, not a power loss)."""
     port = free_port()
     env = {**os.environ}
-    if name != "ztai-detect":
-        # The gateway path of issue 2 (token, policy, audit); content detectors have their own target.
+    if name == "ztai-nodetect":
         env["ZTAI_DETECT__CHAT__INPUT"] = "[]"
         env["ZTAI_DETECT__CHAT__OUTPUT"] = "[]"
     if name == "ztai-normal":
