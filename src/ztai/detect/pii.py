@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from ztai.detect.base import Finding, Source
+from ztai.detect.base import IDENTIFYING_TYPES, PERSON_MIN_SCORE, Finding, Source, disjoint_by_rank
 
 DETECTOR = "pii"
 
@@ -443,19 +443,8 @@ def _phone_hits(text: str, add: Any) -> None:
 
 
 def _resolve(hits: list[_Hit]) -> list[_Hit]:
-    """Keep non-overlapping hits, preferring priority, then length."""
-    hits.sort(key=lambda h: (-h.prio, -(h.end - h.start), h.start))
-    starts: list[int] = []  # kept intervals, disjoint and sorted by start
-    kept: list[_Hit] = []
-    for h in hits:
-        if h.end <= h.start:
-            continue
-        k = bisect.bisect_left(starts, h.start)
-        if (k > 0 and kept[k - 1].end > h.start) or (k < len(kept) and kept[k].start < h.end):
-            continue
-        starts.insert(k, h.start)
-        kept.insert(k, h)
-    return kept
+    """Keep non-overlapping hits, preferring priority, then length (linear: `disjoint_by_rank`)."""
+    return disjoint_by_rank(((-h.prio, h.start - h.end, h.start), h) for h in hits)
 
 
 def _overlaps_any(start: int, end: int, sorted_starts: list[int], items: list[Any]) -> bool:
@@ -1085,6 +1074,45 @@ def _tagger_spans(
         i = k if k > j else j + 1
 
 
+_WORD_TOKEN_RE = re.compile(r"[^\W_]+")
+_NAMED = frozenset({"PERSON", "LOCATION", "ORGANIZATION"})
+_TITLE_BEFORE_RE = re.compile(
+    r"(?:\b(?:Mr|Mrs|Ms|Mx|Dr|Prof|Rev|Sir|Dame|Miss|Madam|Mister|Professor|Doctor|Lord|Lady)\.?)\s{1,3}$", _I
+)
+
+
+def _random_looking(word: str) -> bool:
+    """A token that is no name: letters mixed with digits ("hunter2", a key), case flipping more than a
+    name does ("abcDEF", "McDonald" is fine), or a long all-capitals run (an access key id)."""
+    if any(c.isdigit() for c in word):
+        return True
+    flips = sum(1 for a, b in zip(word, word[1:], strict=False) if a.islower() and b.isupper())
+    return flips >= 2 or (word.isupper() and len(word) > 12)
+
+
+def _plausible_entity(text: str, start: int, end: int, cased: bool) -> bool:
+    """Whether a tagger PERSON / LOCATION / ORGANIZATION span looks like a name at all: no digits or
+    random-looking tokens (identifiers, passwords, API keys) and, in a text that uses capitals, at least
+    one capitalised word ("aws", "hunter" in running lowercase text are not names)."""
+    words = _WORD_TOKEN_RE.findall(text, start, end)
+    if not words or any(_random_looking(w) for w in words):
+        return False
+    return not cased or any(w[0].isupper() for w in words)
+
+
+def _name_like(text: str, start: int, end: int, cased: bool) -> bool:
+    """A PERSON span that identifies someone at high precision: every word capitalised (in a cased text),
+    a first or last name from the gazetteer among them, and either two name words or an honorific before
+    a single one ("Mr. Brown"). A lone capitalised word ("Apple", "Jordan") names too little."""
+    words = [w for w in _WORD_TOKEN_RE.findall(text, start, end) if len(w) > 1]
+    if not words or (cased and not all(w[0].isupper() for w in words)):
+        return False
+    gaz = _gazetteer()
+    if not any(w.lower() in gaz.first or w.lower() in gaz.last for w in words):
+        return False
+    return len(words) >= 2 or _TITLE_BEFORE_RE.search(text, max(0, start - 16), start) is not None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Detector
 # ---------------------------------------------------------------------------------------------------------
@@ -1098,6 +1126,8 @@ class PiiDetector:
     `tagger_max_chars`: the tagger (about 15 us per token in CPython) looks at the first
     `tagger_max_chars` characters only; the pattern recognizers
     (about 1-2 s per MB in the worst case) always see the whole text. None = no limit.
+    `identifying_types` / `person_min_score`: which findings are marked `identifying` (the values the
+    shipped policy tokenizes; see `IDENTIFYING_TYPES`); every type is reported either way.
     """
 
     name = "pii"
@@ -1108,11 +1138,32 @@ class PiiDetector:
         use_tagger: bool = True,
         entities: Iterable[str] | None = None,
         tagger_max_chars: int | None = 100_000,
+        identifying_types: Iterable[str] = IDENTIFYING_TYPES,
+        person_min_score: float = PERSON_MIN_SCORE,
     ):
         self.threshold = threshold
         self.use_tagger = use_tagger
         self.entities = frozenset(entities) if entities is not None else None
         self.tagger_max_chars = tagger_max_chars
+        self.identifying_types = frozenset(identifying_types)
+        self.person_min_score = person_min_score
+
+    def warm(self) -> None:
+        """Load the tagger and the gazetteer now (a gateway calls this at start, so that the first
+        request does not pay for it)."""
+        _gazetteer()
+        if self.use_tagger:
+            _tagger()
+        self.scan("Warm-up: Maria Lopez <maria@example.com>, +1 415 555 0100, 221B Baker Street, London.")
+
+    def _identifying(self, text: str, type_: str, start: int, end: int, score: float, cased: bool) -> bool:
+        if type_ not in self.identifying_types:
+            return False
+        if type_ == "STREET_ADDRESS":  # only with a house number
+            return any(c.isdigit() for c in text[start:end])
+        if type_ == "PERSON":
+            return score >= self.person_min_score and _name_like(text, start, end, cased)
+        return True
 
     def scan(self, text: str, source: Source = "user") -> list[Finding]:
         del source  # the same rules for every source
@@ -1147,15 +1198,10 @@ class PiiDetector:
     def _scan_window(self, text: str, offset: int, use_tagger: bool) -> list[Finding]:
         hits = _resolve(_pattern_hits(text))
         tagger = _tagger() if use_tagger else None
-        if tagger is None:
-            return [
-                Finding(DETECTOR, h.type, h.start + offset, h.end + offset, h.score, h.evidence) for h in hits
-            ]
-        toks = tokenize(text)
-        if not toks:
-            return [
-                Finding(DETECTOR, h.type, h.start + offset, h.end + offset, h.score, h.evidence) for h in hits
-            ]
+        toks = tokenize(text) if tagger is not None else []
+        if tagger is None or not toks:
+            cased = _has_upper(text)
+            return [self._finding(text, offset, h.type, h.start, h.end, h.score, h.evidence, cased) for h in hits]
         ptypes = pattern_types_per_token(toks, hits)
         probs = tagger.predict_tokens(text, toks, ptypes)
         spans = list(_tagger_spans(text, toks, probs, tagger.labels, self.threshold))  # disjoint, sorted
@@ -1174,14 +1220,27 @@ class PiiDetector:
                 return lab in _CONTAINERS
 
             hits = [h for h in hits if h.score >= WEAK or not inside(h)]
-        out = [Finding(DETECTOR, h.type, h.start + offset, h.end + offset, h.score, h.evidence) for h in hits]
+        cased = _has_upper(text)
+        out = [self._finding(text, offset, h.type, h.start, h.end, h.score, h.evidence, cased) for h in hits]
         hit_starts = [h.start for h in hits]
         for lab, s, e, sc in spans:
             if hits and _overlaps_any(s, e, hit_starts, hits):
                 continue
-            out.append(Finding(DETECTOR, lab, s + offset, e + offset, round(sc, 4), "model:" + lab.lower()))
+            if lab in _NAMED and not _plausible_entity(text, s, e, cased):
+                continue
+            out.append(self._finding(text, offset, lab, s, e, round(sc, 4), "model:" + lab.lower(), cased))
         out.sort(key=lambda f: (f.start, f.end))
         return out
+
+    def _finding(
+        self, text: str, offset: int, type_: str, start: int, end: int, score: float, evidence: str, cased: bool
+    ) -> Finding:
+        identifying = self._identifying(text, type_, start, end, score, cased)
+        return Finding(DETECTOR, type_, start + offset, end + offset, score, evidence, identifying)
+
+
+def _has_upper(text: str) -> bool:
+    return re.search(r"[A-Z]", text) is not None or (not text.isascii() and any(c.isupper() for c in text))
 
 
 def _dedupe_overlaps(found: list[Finding]) -> list[Finding]:
