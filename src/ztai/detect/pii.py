@@ -37,7 +37,7 @@ import re
 import threading
 import unicodedata
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
 from itertools import chain
@@ -1101,9 +1101,9 @@ def _plausible_entity(text: str, start: int, end: int, cased: bool) -> bool:
 
 
 def _name_like(text: str, start: int, end: int, cased: bool) -> bool:
-    """A PERSON span that identifies someone at high precision: every word capitalised (in a cased text),
-    a first or last name from the gazetteer among them, and either two name words or an honorific before
-    a single one ("Mr. Brown"). A lone capitalised word ("Apple", "Jordan") names too little."""
+    """A PERSON span shaped like a person's name: every word capitalised (in a cased text), a first or last
+    name from the gazetteer among them, and either two name words or an honorific before a single one
+    ("Mr. Brown"). A lone capitalised word ("Apple", "Jordan") names too little."""
     words = [w for w in _WORD_TOKEN_RE.findall(text, start, end) if len(w) > 1]
     if not words or (cased and not all(w[0].isupper() for w in words)):
         return False
@@ -1111,6 +1111,47 @@ def _name_like(text: str, start: int, end: int, cased: bool) -> bool:
     if not any(w.lower() in gaz.first or w.lower() in gaz.last for w in words):
         return False
     return len(words) >= 2 or _TITLE_BEFORE_RE.search(text, max(0, start - 16), start) is not None
+
+
+# Words just before a name that make it someone's personal data rather than a name the text talks about
+# ("my name is Maria Lopez", "Dear Mr. Brown", "contact Ana Ruiz", "Patient: John Doe"); a name in a text
+# that also carries an e-mail address, a phone number, an address or an id counts too. A name without
+# either ("Write a dialogue between Julius Caesar and ...", "How did Brad Pitt ...") is public
+# knowledge the model needs, and is left in place.
+_PERSON_CUE_RE = re.compile(
+    r"(?:\bname[sd]?\b[^.!?\n]{0,24}$|\b(?:i\s+am|i'm|this\s+is|dear|hi|hello|hey|regards|sincerely|thanks"
+    r"|cheers|signed|contact|call|email|e-mail|mail|text|message|ask|invite|meet|remind|cc|attn|attention"
+    r"|patient|customer|client|employee|applicant|tenant|user|member|candidate|holder|recipient"
+    r"|sender|mr|mrs|ms|mx|dr|prof|sir|madam)\b)[\s,.:;\-\u2013\u2014'\"]{0,4}$",
+    _I,
+)
+_STREET_SUFFIXES = (
+    "katu", "gata", "gatan", "gade", "vej", "weg", "straße", "strasse", "väg", "vägen", "polku", "laan",
+    "straat", "utca", "ulica", "sokak", "sokağı", "caddesi", "allee", "gasse", "platz", "damm", "ufer",
+    "veien", "vegen", "stræde", "torget", "gränd", "stig", "tee", "tie", "stieg", "steig", "markt",
+    "vænget", "vang", "vangen", "bakken", "stien", "gaten", "gate", "veg", "ørn", "gård", "haven",
+)  # fmt: skip
+# "my address is", "lives at", "ship to": a numbered span after these is an address even without a
+# known street word ("450 Præstevænget 15").
+_ADDRESS_CUE_RE = re.compile(
+    r"\b(?:address(?:es)?|addr|(?:live[sd]?|living|located|resid\w*|ship(?:ped)?|deliver(?:ed)?|send|sent|moved"
+    r"|visit)\s+(?:\w+\s+)?(?:at|on|to|in)|home|office|apartment|house|flat)\b[^.!?\n]{0,16}$",
+    _I,
+)
+_HOUSE_NUMBER_RE = re.compile(r"(?<![\w.,+\-*/=^])\d{1,5}[A-Za-z]?(?![\w]|[.,:]\d|\s?[+\-*/=^%])")
+
+
+def _street_address_with_number(text: str, start: int, end: int) -> bool:
+    """A STREET_ADDRESS span that locates a home or an office: a house number and a street word ("221B
+    Baker Street", "Kiannonkatu 9", "Rúa do Paseo 46"), not a number next to any word ("10 rows",
+    "2020 U.", "12,7,2")."""
+    span = text[start:end]
+    if _HOUSE_NUMBER_RE.search(span) is None:
+        return False
+    words = [w.lower() for w in _WORD_TOKEN_RE.findall(span) if w.isalpha()]
+    if any(w in _STREET_WORDS or (len(w) > 5 and w.endswith(_STREET_SUFFIXES)) for w in words):
+        return True
+    return bool(words) and _ADDRESS_CUE_RE.search(text, max(0, start - 40), start) is not None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1159,11 +1200,32 @@ class PiiDetector:
     def _identifying(self, text: str, type_: str, start: int, end: int, score: float, cased: bool) -> bool:
         if type_ not in self.identifying_types:
             return False
-        if type_ == "STREET_ADDRESS":  # only with a house number
-            return any(c.isdigit() for c in text[start:end])
-        if type_ == "PERSON":
-            return score >= self.person_min_score and _name_like(text, start, end, cased)
+        if type_ == "STREET_ADDRESS":
+            return _street_address_with_number(text, start, end)
+        if type_ == "PERSON":  # and a personal cue, or other identifying data in the text (_with_people)
+            return (
+                score >= self.person_min_score
+                and _name_like(text, start, end, cased)
+                and _PERSON_CUE_RE.search(text, max(0, start - 40), start) is not None
+            )
         return True
+
+    def _with_people(self, text: str, offset: int, found: list[Finding], cased: bool) -> list[Finding]:
+        """Names in a text that also carries identifying data (an e-mail, a phone number, an address) are
+        that person's: the name-shaped PERSON findings become identifying too."""
+        if "PERSON" not in self.identifying_types or not any(
+            f.identifying and f.type != "PERSON" for f in found
+        ):
+            return found
+        return [
+            replace(f, identifying=True)
+            if f.type == "PERSON"
+            and not f.identifying
+            and f.score >= self.person_min_score
+            and _name_like(text, f.start - offset, f.end - offset, cased)
+            else f
+            for f in found
+        ]
 
     def scan(self, text: str, source: Source = "user") -> list[Finding]:
         del source  # the same rules for every source
@@ -1230,7 +1292,7 @@ class PiiDetector:
                 continue
             out.append(self._finding(text, offset, lab, s, e, round(sc, 4), "model:" + lab.lower(), cased))
         out.sort(key=lambda f: (f.start, f.end))
-        return out
+        return self._with_people(text, offset, out, cased)
 
     def _finding(
         self, text: str, offset: int, type_: str, start: int, end: int, score: float, evidence: str, cased: bool
