@@ -42,7 +42,6 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import eval_pii  # noqa: E402
-
 from ztai.config import DetectSettings  # noqa: E402
 from ztai.detect.base import Finding  # noqa: E402
 from ztai.detect.inspector import load_detector  # noqa: E402
@@ -106,11 +105,11 @@ def alteration(root: Path, examples: int) -> dict[str, Any]:
         count["before"] += any(f.detector == "pii" for f in found)
         cause.update({f.type for f in chosen})
         if chosen and len(shown.setdefault(folder, [])) < examples:
-            shown[folder].append(
-                f"{text[:160]!r} -> {[(f.type, text[f.start : f.end]) for f in chosen][:6]}"
-            )
+            shown[folder].append(f"{text[:160]!r} -> {[(f.type, text[f.start : f.end]) for f in chosen][:6]}")
     print("\nBenign prompts altered by the shipped defaults (chat input: pii + secrets)")
-    print(f"  {'folder':<26} {'prompts':>7} {'pii':>7} {'secrets':>7} {'any':>7} {'before':>7}  types (prompts)")
+    print(
+        f"  {'folder':<26} {'prompts':>7} {'pii':>7} {'secrets':>7} {'any':>7} {'before':>7}  types (prompts)"
+    )
     total: Counter[str] = Counter()
     all_causes: Counter[str] = Counter()
     out: dict[str, Any] = {}

@@ -65,7 +65,6 @@ class Detector(Protocol):
         ...
 
 
-
 class Span(Protocol):
     @property
     def start(self) -> int: ...

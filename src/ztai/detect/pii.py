@@ -40,7 +40,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
-from itertools import chain
+from itertools import chain, pairwise
 from typing import Any
 
 import numpy as np
@@ -1086,18 +1086,29 @@ def _random_looking(word: str) -> bool:
     name does ("abcDEF", "McDonald" is fine), or a long all-capitals run (an access key id)."""
     if any(c.isdigit() for c in word):
         return True
-    flips = sum(1 for a, b in zip(word, word[1:], strict=False) if a.islower() and b.isupper())
+    flips = sum(1 for a, b in pairwise(word) if a.islower() and b.isupper())
     return flips >= 2 or (word.isupper() and len(word) > 12)
 
 
-def _plausible_entity(text: str, start: int, end: int, cased: bool) -> bool:
+def _plausible_entity(text: str, label: str, start: int, end: int, cased: bool) -> bool:
     """Whether a tagger PERSON / LOCATION / ORGANIZATION span looks like a name at all: no digits or
     random-looking tokens (identifiers, passwords, API keys) and, in a text that uses capitals, at least
-    one capitalised word ("aws", "hunter" in running lowercase text are not names)."""
+    one capitalised word ("aws", "hunter" in running text are not names). A PERSON is no short acronym
+    ("AWS"); in a text without capitals, its words must be common first or last names, and a place must
+    be a gazetteer place ("login: aws / hunter2")."""
     words = _WORD_TOKEN_RE.findall(text, start, end)
     if not words or any(_random_looking(w) for w in words):
         return False
-    return not cased or any(w[0].isupper() for w in words)
+    if cased:
+        if label == "PERSON" and all(w.isupper() and len(w) <= 4 for w in words):
+            return False
+        return any(w[0].isupper() for w in words)
+    gaz = _gazetteer()
+    if label == "PERSON":
+        return all(gaz.first.get(w, "F3") == "F1" or gaz.last.get(w, "L3") == "L1" for w in words)
+    if label == "LOCATION":
+        return " ".join(words) in gaz.place or any(w in gaz.place for w in words)
+    return True
 
 
 def _name_like(text: str, start: int, end: int, cased: bool) -> bool:
@@ -1127,9 +1138,9 @@ _PERSON_CUE_RE = re.compile(
 )
 _STREET_SUFFIXES = (
     "katu", "gata", "gatan", "gade", "vej", "weg", "straße", "strasse", "väg", "vägen", "polku", "laan",
-    "straat", "utca", "ulica", "sokak", "sokağı", "caddesi", "allee", "gasse", "platz", "damm", "ufer",
-    "veien", "vegen", "stræde", "torget", "gränd", "stig", "tee", "tie", "stieg", "steig", "markt",
-    "vænget", "vang", "vangen", "bakken", "stien", "gaten", "gate", "veg", "ørn", "gård", "haven",
+    "straat", "utca", "ulica", "sokak", "caddesi", "allee", "gasse", "platz", "damm", "ufer",
+    "veien", "vegen", "stræde", "torget", "gränd", "stig", "stieg", "steig", "markt",
+    "vænget", "vangen", "bakken", "stien", "gaten", "vegur", "gård",
 )  # fmt: skip
 # "my address is", "lives at", "ship to": a numbered span after these is an address even without a
 # known street word ("450 Præstevænget 15").
@@ -1263,7 +1274,9 @@ class PiiDetector:
         toks = tokenize(text) if tagger is not None else []
         if tagger is None or not toks:
             cased = _has_upper(text)
-            return [self._finding(text, offset, h.type, h.start, h.end, h.score, h.evidence, cased) for h in hits]
+            return [
+                self._finding(text, offset, h.type, h.start, h.end, h.score, h.evidence, cased) for h in hits
+            ]
         ptypes = pattern_types_per_token(toks, hits)
         probs = tagger.predict_tokens(text, toks, ptypes)
         spans = list(_tagger_spans(text, toks, probs, tagger.labels, self.threshold))  # disjoint, sorted
@@ -1288,14 +1301,22 @@ class PiiDetector:
         for lab, s, e, sc in spans:
             if hits and _overlaps_any(s, e, hit_starts, hits):
                 continue
-            if lab in _NAMED and not _plausible_entity(text, s, e, cased):
+            if lab in _NAMED and not _plausible_entity(text, lab, s, e, cased):
                 continue
             out.append(self._finding(text, offset, lab, s, e, round(sc, 4), "model:" + lab.lower(), cased))
         out.sort(key=lambda f: (f.start, f.end))
         return self._with_people(text, offset, out, cased)
 
     def _finding(
-        self, text: str, offset: int, type_: str, start: int, end: int, score: float, evidence: str, cased: bool
+        self,
+        text: str,
+        offset: int,
+        type_: str,
+        start: int,
+        end: int,
+        score: float,
+        evidence: str,
+        cased: bool,
     ) -> Finding:
         identifying = self._identifying(text, type_, start, end, score, cased)
         return Finding(DETECTOR, type_, start + offset, end + offset, score, evidence, identifying)
