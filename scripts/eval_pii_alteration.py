@@ -202,7 +202,7 @@ def main() -> None:
         print(f"\nPERSON threshold sweep, calibration half ({len(calibration)} sentences)")
         print(f"  {'min score':>9} {'P':>6} {'R':>6} {'pred':>5}")
         for threshold in (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99):
-            det = PiiDetector(identifying_types=["PERSON"], person_min_score=threshold)
+            det = PiiDetector(**{**settings.model_dump(), "person_min_score": threshold})
             s = tokenized_scores(calibration, det)["PERSON"]
             print(f"  {threshold:>9} {eval_pii._fmt(s['precision']):>6} {eval_pii._fmt(s['recall']):>6} "
                   f"{s['predicted']:>5}")  # fmt: skip

@@ -1130,10 +1130,11 @@ def _name_like(text: str, start: int, end: int, cased: bool) -> bool:
 # either ("Write a dialogue between Julius Caesar and ...", "How did Brad Pitt ...") is public
 # knowledge the model needs, and is left in place.
 _PERSON_CUE_RE = re.compile(
-    r"(?:\bname[sd]?\b[^.!?\n]{0,24}$|\b(?:i\s+am|i'm|this\s+is|dear|hi|hello|hey|regards|sincerely|thanks"
+    r"(?:\bname[sd]?\b[^.!?\n]{0,24}?|\b(?:i\s+am|i'm|this\s+is|dear|hi|hello|hey|regards|sincerely|thanks"
     r"|cheers|signed|contact|call|email|e-mail|mail|text|message|ask|invite|meet|remind|cc|attn|attention"
-    r"|patient|customer|client|employee|applicant|tenant|user|member|candidate|holder|recipient"
-    r"|sender|mr|mrs|ms|mx|dr|prof|sir|madam)\b)[\s,.:;\-\u2013\u2014'\"]{0,4}$",
+    r"|patient|customer|client|employee|applicant|tenant|user|member|candidate|holder|recipient|sender"
+    r"|mr|mrs|ms|mx|miss|dr)\b)"
+    r"[\s,.:;\-\u2013\u2014'\"]{0,4}(?:(?:mr|mrs|ms|mx|miss|dr|prof|sir|madam)\.?\s{1,3})?$",
     _I,
 )
 _STREET_SUFFIXES = (
