@@ -148,6 +148,7 @@ class Runtime:
             approvals=approvals,
             canaries=canaries,
         )
+        guard.inspector.warm()  # the tool-output detectors too: nothing loads on the first request
         return cls(
             settings,
             database,
