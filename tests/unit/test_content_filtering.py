@@ -94,7 +94,10 @@ async def test_tokenize_replaces_only_identifying_personal_data_with_the_real_de
         "model": "m",
         "messages": [
             {"role": "user", "content": "Hotels in Paris near the Eiffel Tower? Apple reported revenue."},
-            {"role": "user", "content": "Translate to French: my name is Maria Lopez, maria.lopez@example.com"},
+            {
+                "role": "user",
+                "content": "Translate to French: my name is Maria Lopez, maria.lopez@example.com",
+            },
         ],
     }
     content = inspect_request(inspector, payload)
