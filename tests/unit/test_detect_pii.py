@@ -384,7 +384,13 @@ def test_identifiers_and_passwords_are_not_names(text: str) -> None:
 
 
 def test_a_street_address_is_identifying_only_with_a_house_number() -> None:
-    for text in ("I live on Baker Street", "Take the 10 rows of Excel", "Set: {3,12,7,2,8,4}"):
+    for text in (
+        "I live on Baker Street",
+        "Take the 10 rows of Excel",
+        "Set: {3,12,7,2,8,4}",
+        "The tile at Row 2, Col 2 must be the reference still.",
+        "Cada columna va del 1 al 10",
+    ):
         assert not any(f.identifying for f in DET.scan(text, "user") if f.type == "STREET_ADDRESS"), text
 
 

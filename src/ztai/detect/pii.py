@@ -1141,13 +1141,26 @@ _STREET_SUFFIXES = (
     "katu", "gata", "gatan", "gade", "vej", "weg", "straße", "strasse", "väg", "vägen", "polku", "laan",
     "straat", "utca", "ulica", "sokak", "caddesi", "allee", "gasse", "platz", "damm", "ufer",
     "veien", "vegen", "stræde", "torget", "gränd", "stig", "stieg", "steig", "markt",
-    "vænget", "vangen", "bakken", "stien", "gaten", "vegur", "gård",
+    "vænget", "vangen", "bakken", "stien", "gaten", "vegur", "gård", "kuja", "brücke", "intie", "ntie",
 )  # fmt: skip
+# Street words that also run through ordinary text next to a number ("Row 2", "1 square", "6 box", "del 1
+# al 90", "7. Building ...", "via 1890"): they still help the tagger, but do not make an address alone.
+_COMMON_STREET_WORDS = frozenset(
+    _words(
+        """
+        row square sq via al ul cad building bldg path loop view unit box close floor fl walk hill circle
+        cir trail gardens grove plaza bypass pike apt apartment suite ste po p.o psc cmr dpo apo fpo way
+        place pl court ct
+        """
+    )
+)
+_ADDRESS_STREET_WORDS = _STREET_WORDS - _COMMON_STREET_WORDS
+_UNIT_WORDS = frozenset(_words("apt apartment suite ste unit box po psc cmr dpo apo fpo bldg floor fl"))
 # "my address is", "lives at", "ship to": a numbered span after these is an address even without a
 # known street word ("450 Præstevænget 15").
 _ADDRESS_CUE_RE = re.compile(
     r"\b(?:address(?:es)?|addr|(?:live[sd]?|living|located|resid\w*|ship(?:ped)?|deliver(?:ed)?|send|sent|moved"
-    r"|visit)\s+(?:\w+\s+)?(?:at|on|to|in)|home|office|apartment|house|flat)\b[^.!?\n]{0,16}$",
+    r"|visit)\s+(?:\w+\s+)?(?:at|on|to|in))\b[^.!?\n]{0,16}$",
     _I,
 )
 _HOUSE_NUMBER_RE = re.compile(r"(?<![\w.,+\-*/=^])\d{1,5}[A-Za-z]?(?![\w]|[.,:]\d|\s?[+\-*/=^%])")
@@ -1155,14 +1168,23 @@ _HOUSE_NUMBER_RE = re.compile(r"(?<![\w.,+\-*/=^])\d{1,5}[A-Za-z]?(?![\w]|[.,:]\
 
 def _street_address_with_number(text: str, start: int, end: int) -> bool:
     """A STREET_ADDRESS span that locates a home or an office: a house number and a street word ("221B
-    Baker Street", "Kiannonkatu 9", "Rúa do Paseo 46"), not a number next to any word ("10 rows",
-    "2020 U.", "12,7,2")."""
+    Baker Street", "Kiannonkatu 9", "Rúa do Paseo 46") or an address cue before it, not a number next
+    to any word ("10 rows", "Row 2, Col 2", "2020 U.", "12,7,2")."""
     span = text[start:end]
     if _HOUSE_NUMBER_RE.search(span) is None:
         return False
-    words = [w.lower() for w in _WORD_TOKEN_RE.findall(span) if w.isalpha()]
-    if any(w in _STREET_WORDS or (len(w) > 5 and w.endswith(_STREET_SUFFIXES)) for w in words):
-        return True
+    tokens = _WORD_TOKEN_RE.findall(span)
+    for k, word in enumerate(tokens):
+        low = word.lower()
+        if low in _ADDRESS_STREET_WORDS or (len(low) > 5 and low.endswith(_STREET_SUFFIXES)):
+            return True
+        # a common street word after a capitalised name ("Chestnut Way", "Elm Place"), not "Row 2"
+        if low in _COMMON_STREET_WORDS and k > 0 and tokens[k - 1].isalpha() and tokens[k - 1][0].isupper():
+            return True
+        # a unit or box with its number ("Apt. 342", "Suite 828", "PSC 5420, Box 2708"), not "6 box"
+        if low in _UNIT_WORDS and k + 1 < len(tokens) and tokens[k + 1][:1].isdigit():
+            return True
+    words = [w for w in tokens if w.isalpha()]
     return bool(words) and _ADDRESS_CUE_RE.search(text, max(0, start - 40), start) is not None
 
 
