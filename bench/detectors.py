@@ -5,7 +5,10 @@
 Speed (measured here, one process, pinned to one core when `taskset` exists):
 - per detector, latency p50/p95 of `scan` on 512-token texts (~2,000-2,500 characters of prose and code),
   and on short texts (one sentence);
-- `ztai scan` end to end (a separate process reading JSON lines): short texts per second.
+- `ztai scan` end to end (a separate process reading JSON lines): short texts per second;
+- cost against input size (`--scaling`): each detector's `scan`, and the gateway's redaction of what it
+  found plus the Cedar context, on 10 KB / 100 KB / 1 MB of e-mail addresses and of ordinary prose; the
+  1 MB / 100 KB ratio is about 10 when the cost is linear.
 
 Quality (the scripts in scripts/, which hold data apart as documented there): the injection detector
 (leave-one-source-out and per template), PII (held-out templates, presidio-evaluator conventions) and
@@ -77,6 +80,50 @@ def detector_latency(rounds: int) -> dict[str, Any]:
     return results
 
 
+SIZES = {"10KB": 10_000, "100KB": 100_000, "1MB": 1_000_000}
+PROSE = (
+    "The committee met on a rainy morning to review the budget for the coming year. Several members "
+    "argued that the library needed new shelves, while others wanted to repair the roof first. "
+)
+
+
+def scaling_inputs(size: int) -> dict[str, str]:
+    emails = " ".join(f"user{i}.name@example{i % 97}.com" for i in range(size // 20 + 1))[:size]
+    prose = (PROSE * (size // len(PROSE) + 1))[:size]
+    return {"emails": emails[: emails.rfind(" ")], "prose": prose}
+
+
+def scaling() -> dict[str, Any]:
+    """Seconds per detector scan and for redaction + context, by input kind and size (best of 2)."""
+    from ztai.detect.inspector import Inspection, ScannedText, load_detector
+    from ztai.detect.redact import redact
+
+    results: dict[str, Any] = {}
+    detectors = {name: load_detector(name) for name in ("injection", "pii", "secrets")}
+    for detector in detectors.values():
+        detector.scan(long_text(0), "user")
+    for label, size in SIZES.items():
+        for kind, text in scaling_inputs(size).items():
+            row: dict[str, float] = {}
+            found = []
+            for name, detector in detectors.items():
+                best = float("inf")
+                for round_ in range(2):
+                    variant = text + " ." * round_  # a new text each round: no detector cache answers
+                    started = time.perf_counter()
+                    out = detector.scan(variant, "user")
+                    best = min(best, time.perf_counter() - started)
+                row[name] = round(best, 4)
+                found += out
+            started = time.perf_counter()
+            redact(text, found)
+            Inspection([ScannedText("user", text, found)]).context()
+            row["redact+context"] = round(time.perf_counter() - started, 4)
+            row["findings"] = len(found)
+            results.setdefault(kind, {})[label] = row
+    return results
+
+
 def scan_throughput(count: int) -> dict[str, Any]:
     lines = b"".join(
         json.dumps({"id": i, "text": SENTENCES[i % len(SENTENCES)], "source": "user"}).encode() + b"\n"
@@ -118,11 +165,27 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20, help="latency rounds over the sample texts")
     parser.add_argument("--scan-texts", type=int, default=3000, help="texts piped through `ztai scan`")
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--scaling", action="store_true", help="also: cost against input size (10 KB-1 MB)")
+    parser.add_argument("--only-scaling", action="store_true", help="just the size scaling")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
     if shutil.which("taskset"):
         os.sched_setaffinity(0, {0})  # one core, as the targets are stated
+    if args.scaling or args.only_scaling:
+        figures = scaling()
+        print("cost against input size, one core (seconds):")
+        print(f"{'input':<14} {'injection':>9} {'pii':>8} {'secrets':>8} {'redact+ctx':>10} {'findings':>8}")
+        for kind, rows in figures.items():
+            for label, row in rows.items():
+                print(
+                    f"{kind + ' ' + label:<14} {row['injection']:>9.4f} {row['pii']:>8.4f} "
+                    f"{row['secrets']:>8.4f} {row['redact+context']:>10.4f} {row['findings']:>8}"
+                )
+        if args.only_scaling:
+            if args.json:
+                args.json.write_text(json.dumps({"scaling": figures}, indent=2))
+            return 0
     summary: dict[str, Any] = {
         "latency": detector_latency(args.rounds),
         "ztai_scan": scan_throughput(args.scan_texts),

@@ -21,6 +21,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from ztai.detect.base import IDENTIFYING_TYPES, PERSON_MIN_SCORE
 from ztai.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("ztai.yaml")
@@ -150,11 +151,26 @@ class VaultSettings(_Section):
     purge_interval_seconds: float = Field(60.0, gt=0)
 
 
+class PiiSettings(_Section):
+    """Which personal-data findings count as identifying (`Finding.identifying`,
+    `context.content.pii_identifying_types`): the ones the shipped `tokenize-pii` policy replaces. Every
+    type is still reported (audit, `context.content.pii_types`)."""
+
+    identifying_types: list[str] = list(IDENTIFYING_TYPES)
+    # A PERSON finding is identifying from this tagger confidence on, and only name-shaped (two name words,
+    # or an honorific and one); calibrated for precision >= 0.9 on held-out presidio templates.
+    person_min_score: float = Field(PERSON_MIN_SCORE, ge=0.0, le=1.0)
+
+
 class DetectSettings(_Section):
     """Which content detectors run on which route (ztai.detect); policy decides what findings mean."""
 
     chat: RouteDetectors = RouteDetectors()
-    embeddings: RouteDetectors = RouteDetectors(input=["pii", "secrets"], output=[])
+    # Embedding inputs are only scanned for secrets by default: a vector of a text with placeholders is a
+    # different vector, so personal data there is left alone unless `pii` is added here (then the same
+    # policies apply: identifying values are tokenized).
+    embeddings: RouteDetectors = RouteDetectors(input=["secrets"], output=[])
+    pii: PiiSettings = PiiSettings()
     stream_holdback_chars: int = Field(64, ge=0, le=4096)
     # Put a canary token into every chat request's system prompt (one per session, `x-ztai-session`
     # header, else per request); its appearance in an answer or a request is a leak (context.content.canary).

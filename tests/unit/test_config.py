@@ -82,3 +82,16 @@ def test_extra_upstreams_are_added_on_top(tmp_path: Path) -> None:
     assert merged.config_dir == settings.config_dir
     with pytest.raises(ConfigError, match="base_url"):
         with_upstreams(settings, {"bad": {"base_url": "nope"}})
+
+
+def test_init_writes_the_detect_defaults() -> None:
+    """`ztai init`'s ztai.yaml states the same detector defaults the code has (embeddings: secrets only;
+    the identifying personal-data types the shipped policy tokenizes)."""
+    import yaml
+
+    from ztai.cli.main import CONFIG_TEMPLATE
+    from ztai.config import DetectSettings
+
+    written = yaml.safe_load(CONFIG_TEMPLATE.format(trust_domain="example.org"))["detect"]
+    assert DetectSettings(**written) == DetectSettings()
+    assert written["embeddings"]["input"] == ["secrets"]

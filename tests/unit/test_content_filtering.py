@@ -86,6 +86,31 @@ async def test_request_inspection_covers_every_message_and_applies_obligations()
     assert restore(forwarded["messages"][2]["content"], vault.tokens) == "customer: ana@example.org"
 
 
+async def test_tokenize_replaces_only_identifying_personal_data_with_the_real_detectors() -> None:
+    """The shipped PII defaults: places, companies and languages stay; e-mail addresses and a named
+    person's data go. Embedding inputs carry no PII detector by default."""
+    inspector = Inspector(["pii", "secrets"])
+    payload = {
+        "model": "m",
+        "messages": [
+            {"role": "user", "content": "Hotels in Paris near the Eiffel Tower? Apple reported revenue."},
+            {
+                "role": "user",
+                "content": "Translate to French: my name is Maria Lopez, maria.lopez@example.com",
+            },
+        ],
+    }
+    content = inspect_request(inspector, payload)
+    context = content.inspection.context()
+    assert "LOCATION" in context["pii_types"]
+    assert context["pii_identifying_types"] == ["EMAIL_ADDRESS", "PERSON"]
+    body = await content.apply(payload, ["tokenize"], SessionVault())
+    assert body is not None
+    forwarded = orjson.loads(body)["messages"]
+    assert forwarded[0]["content"] == "Hotels in Paris near the Eiffel Tower? Apple reported revenue."
+    assert forwarded[1]["content"] == "Translate to French: my name is <PERSON_1>, <EMAIL_ADDRESS_1>"
+
+
 async def test_completion_output_is_scanned_redacted_and_the_callers_values_restored() -> None:
     vault = SessionVault()
     placeholder = vault.tokens.placeholder_for("EMAIL_ADDRESS", "ana@example.org")  # the caller's, from input

@@ -5,14 +5,25 @@ All examples are made up here (fake people, places and numbers); none comes from
 
 from __future__ import annotations
 
+import gc
 import time
 
 import numpy as np
 import pytest
 
+from ztai.config import DetectSettings
 from ztai.detect import pii
-from ztai.detect.base import Detector, Finding
+from ztai.detect.base import (
+    IDENTIFYING_TYPES,
+    PERSON_MIN_SCORE,
+    Detector,
+    Finding,
+    Source,
+    disjoint_by_rank,
+)
+from ztai.detect.inspector import Inspection, Inspector, ScannedText, load_detector
 from ztai.detect.pii import PiiDetector, iban_ok, luhn_ok, ssn_ok
+from ztai.detect.redact import redact
 
 DET = PiiDetector()
 
@@ -297,3 +308,185 @@ def test_mixed_megabyte_is_linear() -> None:
     assert time.perf_counter() - t0 < 30.0
     emails = [f for f in fs if f.type == "EMAIL_ADDRESS"]
     assert len(emails) == text.count("@")
+
+
+# --- what counts as identifying (what the shipped policy tokenizes) ----------------------------------
+
+
+ORDINARY_PROMPTS = [
+    "What is the capital of France? Paris or Lyon?",
+    "Apple reported revenue",
+    "Apple reported revenue of 10 billion dollars last quarter.",
+    "Translate to French",
+    "Hotels in Paris near the Eiffel Tower",
+    "my aws password is hunter2",
+    "Write a dialogue between Julius Caesar and a modern-day politician.",
+    "Solve 10X + 5 = 10 for X and show your steps.",
+    "Describe the 2020 U.S. election in three sentences.",
+    "Ask Jordan about it",
+]
+
+
+@pytest.mark.parametrize("text", ORDINARY_PROMPTS)
+def test_ordinary_prompts_carry_nothing_identifying(text: str) -> None:
+    findings = DET.scan(text, "user")
+    assert [f for f in findings if f.identifying] == []
+    assert redact(text, findings)[0] == text  # the provider sees the prompt as written
+
+
+@pytest.mark.parametrize(
+    ("text", "type_", "value"),
+    [
+        ("email maria.lopez@example.com", "EMAIL_ADDRESS", "maria.lopez@example.com"),
+        ("call +1 415 555 0100", "PHONE_NUMBER", "+1 415 555 0100"),
+        ("I live at 221B Baker Street", "STREET_ADDRESS", "221B Baker Street"),
+        ("my name is Maria Lopez", "PERSON", "Maria Lopez"),
+        ("Dear Mr. Brown, thanks for the quick reply.", "PERSON", "Brown"),
+        ("Ana Ruiz <ana.ruiz@example.org> will join.", "PERSON", "Ana Ruiz"),
+        ("my card is 4111 1111 1111 1111", "CREDIT_CARD", "4111 1111 1111 1111"),
+        ("SSN: 123-45-6788", "US_SSN", "123-45-6788"),
+    ],
+)
+def test_personal_data_that_identifies_someone_is_replaced(text: str, type_: str, value: str) -> None:
+    findings = DET.scan(text, "user")
+    assert (type_, value) in {(f.type, text[f.start : f.end]) for f in findings if f.identifying}
+    assert value not in redact(text, findings)[0]
+
+
+def test_context_types_are_reported_but_not_identifying() -> None:
+    text = "Hotels in Paris near the Eiffel Tower, booked by Maria Lopez (maria@example.com)"
+    findings = DET.scan(text, "user")
+    context = Inspection([ScannedText("user", text, findings)]).context()
+    assert "LOCATION" in context["pii_types"]
+    assert context["pii_identifying_types"] == ["EMAIL_ADDRESS", "PERSON"]
+    redacted = redact(text, findings)[0]
+    assert "Paris" in redacted and "Maria Lopez" not in redacted and "maria@example.com" not in redacted
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "my aws password is hunter2",
+        "login: aws / hunter2",
+        "user aws pass hunter2",
+        "The password for AWS is Hunter2",
+        "key sk-abcDEF123xyzQWE987 and aws AKIAIOSFODNN7EXAMPLE",
+        "token xQ9vLmT2bZ8wKp3R for the Staging cluster",
+    ],
+)
+def test_identifiers_and_passwords_are_not_names(text: str) -> None:
+    named = [
+        (f.type, text[f.start : f.end])
+        for f in DET.scan(text, "user")
+        if f.type in ("PERSON", "ORGANIZATION")
+    ]
+    assert named == []
+
+
+def test_a_street_address_is_identifying_only_with_a_house_number() -> None:
+    for text in (
+        "I live on Baker Street",
+        "Take the 10 rows of Excel",
+        "Set: {3,12,7,2,8,4}",
+        "The tile at Row 2, Col 2 must be the reference still.",
+        "Cada columna va del 1 al 10",
+    ):
+        assert not any(f.identifying for f in DET.scan(text, "user") if f.type == "STREET_ADDRESS"), text
+
+
+def test_identifying_types_and_person_threshold_are_settings() -> None:
+    text = "call +1 415 555 0100 or write to maria.lopez@example.com, my name is Maria Lopez"
+    only_email = PiiDetector(identifying_types=["EMAIL_ADDRESS"])
+    assert {f.type for f in only_email.scan(text, "user") if f.identifying} == {"EMAIL_ADDRESS"}
+    strict = PiiDetector(person_min_score=1.01)
+    assert "PERSON" not in {f.type for f in strict.scan(text, "user") if f.identifying}
+    defaults = DetectSettings().pii
+    assert (
+        tuple(defaults.identifying_types) == IDENTIFYING_TYPES
+        and defaults.person_min_score == PERSON_MIN_SCORE
+    )
+    configured = load_detector("pii", defaults.model_dump())
+    assert isinstance(configured, PiiDetector) and configured.identifying_types == frozenset(
+        IDENTIFYING_TYPES
+    )
+    assert DetectSettings().embeddings.input == ["secrets"]  # embeddings are not tokenized by default
+
+
+def test_warm_loads_the_tagger_and_gazetteer_and_inspectors_warm_every_detector() -> None:
+    PiiDetector().warm()
+    assert pii._tagger_cache and pii._gazetteer.cache_info().currsize == 1
+
+    class Counting:
+        name = "counting"
+
+        def __init__(self) -> None:
+            self.scans = 0
+
+        def scan(self, text: str, source: Source) -> list[Finding]:
+            self.scans += 1
+            return []
+
+    counting = Counting()
+    Inspector([], detectors=[counting]).warm()
+    assert counting.scans == 1  # no warm(): one scan loads what it loads lazily
+
+
+# --- linear cost --------------------------------------------------------------------------------------
+
+
+class _CountedSpan:
+    reads = 0
+
+    def __init__(self, start: int, end: int) -> None:
+        self._start, self._end = start, end
+
+    @property
+    def start(self) -> int:
+        _CountedSpan.reads += 1
+        return self._start
+
+    @property
+    def end(self) -> int:
+        _CountedSpan.reads += 1
+        return self._end
+
+
+def test_span_selection_looks_at_each_candidate_a_bounded_number_of_times() -> None:
+    for n in (1_000, 10_000):
+        spans = [_CountedSpan(i * 10, i * 10 + 8) for i in range(n)] + [
+            _CountedSpan(i * 10 + 4, i * 10 + 12) for i in range(n)
+        ]
+        _CountedSpan.reads = 0
+        chosen = disjoint_by_rank(((0, k), s) for k, s in enumerate(spans))
+        assert len(chosen) == n  # the first of each overlapping pair
+        assert _CountedSpan.reads <= 6 * len(spans)  # a quadratic overlap check would read n^2 times
+
+
+def _emails(size: int) -> str:
+    text = " ".join(f"user{i}.name@example{i % 97}.com" for i in range(size // 20 + 1))[:size]
+    return text[: text.rfind(" ")]
+
+
+def test_scan_redact_and_context_grow_linearly_with_the_input() -> None:
+    """1 MB of e-mail addresses costs about 10x 100 KB (patterns, overlap resolution, placeholders, the
+    Cedar context), not 100x; best of three, without the garbage collector's pauses."""
+    det = PiiDetector(use_tagger=False)  # the tagger reads the first 100,000 characters only anyway
+
+    def best(text: str) -> float:
+        fastest = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            findings = det.scan(text, "user")
+            redact(text, findings)
+            Inspection([ScannedText("user", text, findings)]).context()
+            fastest = min(fastest, time.perf_counter() - started)
+        return fastest
+
+    small, large = _emails(100_000), _emails(1_000_000)
+    gc.collect()
+    gc.disable()
+    try:
+        ratio = best(large) / best(small)
+    finally:
+        gc.enable()
+    assert ratio < 15, ratio

@@ -85,7 +85,11 @@ audit:
 
 detect:                    # content detectors per route; policies/content.cedar decides what findings mean
   chat: {{input: [injection, pii, secrets], output: [pii, secrets]}}
-  embeddings: {{input: [pii, secrets], output: []}}
+  embeddings: {{input: [secrets], output: []}}  # add pii to tokenize personal data in embedding inputs
+  pii:                     # which personal data is tokenized (every type is still reported and audited)
+    identifying_types: [EMAIL_ADDRESS, PHONE_NUMBER, US_SSN, US_DRIVER_LICENSE, CREDIT_CARD, IBAN_CODE,
+                        STREET_ADDRESS, PERSON]
+    person_min_score: 0.9  # a name counts from this tagger confidence on, and only name-shaped
   stream_holdback_chars: 64  # streamed answers are held back this much so split values are still caught
   canaries: false          # true: a canary token in every system prompt; seeing it again is a leak
 

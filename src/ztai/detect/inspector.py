@@ -7,7 +7,7 @@ detectors — decides what happens (allow, redact, require approval, deny).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,12 +24,27 @@ DETECTORS: dict[str, tuple[str, str]] = {
 }
 
 
-def load_detector(name: str) -> Detector:
+def load_detector(name: str, options: Mapping[str, Any] | None = None) -> Detector:
+    """The detector `name`, constructed with `options` (keyword arguments, e.g. `detect.pii`'s)."""
     if name not in DETECTORS:
         raise ConfigError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
     module_name, class_name = DETECTORS[name]
-    detector: Detector = getattr(importlib.import_module(module_name), class_name)()
+    detector: Detector = getattr(importlib.import_module(module_name), class_name)(**(options or {}))
     return detector
+
+
+_WARM_UP_TEXT = "Warm-up: Maria Lopez <maria@example.com>, 221B Baker Street, London. Ignore nothing."
+
+
+def warm(detector: Detector) -> None:
+    """Load what a detector loads lazily (models, gazetteers, compiled patterns) now: its `warm()` when
+    it has one, else one scan of a short text. A gateway warms its detectors at start so that the first
+    request does not pay for it."""
+    warm_up = getattr(detector, "warm", None)
+    if callable(warm_up):
+        warm_up()
+    else:
+        detector.scan(_WARM_UP_TEXT, "user")
 
 
 @dataclass(frozen=True)
@@ -53,10 +68,12 @@ class Inspection:
         """The `context.content` record for Cedar (scores as integer percent: Cedar has no floats)."""
         findings = self.findings
         injection = [f for f in findings if f.detector == "injection"]
+        pii = [f for f in findings if f.detector == "pii"]
         return {
             "injection_score": max((round(f.score * 100) for f in injection), default=0),
             "injection_flagged": bool(injection),
-            "pii_types": sorted({f.type for f in findings if f.detector == "pii"}),
+            "pii_types": sorted({f.type for f in pii}),
+            "pii_identifying_types": sorted({f.type for f in pii if f.identifying}),
             "secret_types": sorted({f.type for f in findings if f.detector == "secrets"}),
             "obfuscation": sorted({f.type for f in findings if f.detector == "obfuscation"}),
             "canary": any(f.detector == "canary" for f in findings),
@@ -68,6 +85,11 @@ class Inspector:
         """The named detectors (loaded from the registry), or the given detector objects."""
         self.detectors = list(detectors) if detectors is not None else [load_detector(name) for name in names]
         self.names = [detector.name for detector in self.detectors]
+
+    def warm(self) -> None:
+        """Load every detector's models now (see `warm`)."""
+        for detector in self.detectors:
+            warm(detector)
 
     def scan(self, text: str, source: Source, exclude: Sequence[str] = ()) -> list[Finding]:
         findings: list[Finding] = []

@@ -37,15 +37,15 @@ import re
 import threading
 import unicodedata
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
-from itertools import chain
+from itertools import chain, pairwise
 from typing import Any
 
 import numpy as np
 
-from ztai.detect.base import Finding, Source
+from ztai.detect.base import IDENTIFYING_TYPES, PERSON_MIN_SCORE, Finding, Source, disjoint_by_rank
 
 DETECTOR = "pii"
 
@@ -443,19 +443,8 @@ def _phone_hits(text: str, add: Any) -> None:
 
 
 def _resolve(hits: list[_Hit]) -> list[_Hit]:
-    """Keep non-overlapping hits, preferring priority, then length."""
-    hits.sort(key=lambda h: (-h.prio, -(h.end - h.start), h.start))
-    starts: list[int] = []  # kept intervals, disjoint and sorted by start
-    kept: list[_Hit] = []
-    for h in hits:
-        if h.end <= h.start:
-            continue
-        k = bisect.bisect_left(starts, h.start)
-        if (k > 0 and kept[k - 1].end > h.start) or (k < len(kept) and kept[k].start < h.end):
-            continue
-        starts.insert(k, h.start)
-        kept.insert(k, h)
-    return kept
+    """Keep non-overlapping hits, preferring priority, then length (linear: `disjoint_by_rank`)."""
+    return disjoint_by_rank(((-h.prio, h.start - h.end, h.start), h) for h in hits)
 
 
 def _overlaps_any(start: int, end: int, sorted_starts: list[int], items: list[Any]) -> bool:
@@ -1085,6 +1074,120 @@ def _tagger_spans(
         i = k if k > j else j + 1
 
 
+_WORD_TOKEN_RE = re.compile(r"[^\W_]+")
+_NAMED = frozenset({"PERSON", "LOCATION", "ORGANIZATION"})
+_TITLE_BEFORE_RE = re.compile(
+    r"(?:\b(?:Mr|Mrs|Ms|Mx|Dr|Prof|Rev|Sir|Dame|Miss|Madam|Mister|Professor|Doctor|Lord|Lady)\.?)\s{1,3}$", _I
+)
+
+
+def _random_looking(word: str) -> bool:
+    """A token that is no name: letters mixed with digits ("hunter2", a key), case flipping more than a
+    name does ("abcDEF", "McDonald" is fine), or a long all-capitals run (an access key id)."""
+    if any(c.isdigit() for c in word):
+        return True
+    flips = sum(1 for a, b in pairwise(word) if a.islower() and b.isupper())
+    return flips >= 2 or (word.isupper() and len(word) > 12)
+
+
+def _plausible_entity(text: str, label: str, start: int, end: int, cased: bool) -> bool:
+    """Whether a tagger PERSON / LOCATION / ORGANIZATION span looks like a name at all: no digits or
+    random-looking tokens (identifiers, passwords, API keys) and, in a text that uses capitals, at least
+    one capitalised word ("aws", "hunter" in running text are not names). A PERSON is no short acronym
+    ("AWS"); in a text without capitals, its words must be common first or last names, and a place must
+    be a gazetteer place ("login: aws / hunter2")."""
+    words = _WORD_TOKEN_RE.findall(text, start, end)
+    if not words or any(_random_looking(w) for w in words):
+        return False
+    if cased:
+        if label == "PERSON" and all(w.isupper() and len(w) <= 4 for w in words):
+            return False
+        return any(w[0].isupper() for w in words)
+    gaz = _gazetteer()
+    if label == "PERSON":
+        return all(gaz.first.get(w, "F3") == "F1" or gaz.last.get(w, "L3") == "L1" for w in words)
+    if label == "LOCATION":
+        return " ".join(words) in gaz.place or any(w in gaz.place for w in words)
+    return True
+
+
+def _name_like(text: str, start: int, end: int, cased: bool) -> bool:
+    """A PERSON span shaped like a person's name: every word capitalised (in a cased text), a first or last
+    name from the gazetteer among them, and either two name words or an honorific before a single one
+    ("Mr. Brown"). A lone capitalised word ("Apple", "Jordan") names too little."""
+    words = [w for w in _WORD_TOKEN_RE.findall(text, start, end) if len(w) > 1]
+    if not words or (cased and not all(w[0].isupper() for w in words)):
+        return False
+    gaz = _gazetteer()
+    if not any(w.lower() in gaz.first or w.lower() in gaz.last for w in words):
+        return False
+    return len(words) >= 2 or _TITLE_BEFORE_RE.search(text, max(0, start - 16), start) is not None
+
+
+# Words just before a name that make it someone's personal data rather than a name the text talks about
+# ("my name is Maria Lopez", "Dear Mr. Brown", "contact Ana Ruiz", "Patient: John Doe"); a name in a text
+# that also carries an e-mail address, a phone number, an address or an id counts too. A name without
+# either ("Write a dialogue between Julius Caesar and ...", "How did Brad Pitt ...") is public
+# knowledge the model needs, and is left in place.
+_PERSON_CUE_RE = re.compile(
+    r"(?:\bname[sd]?\b[^.!?\n]{0,24}?|\b(?:i\s+am|i'm|this\s+is|dear|hi|hello|hey|regards|sincerely|thanks"
+    r"|cheers|signed|contact|call|email|e-mail|mail|text|message|ask|invite|meet|remind|cc|attn|attention"
+    r"|patient|customer|client|employee|applicant|tenant|user|member|candidate|holder|recipient|sender"
+    r"|mr|mrs|ms|mx|miss|dr)\b)"
+    r"[\s,.:;\-\u2013\u2014'\"]{0,4}(?:(?:mr|mrs|ms|mx|miss|dr|prof|sir|madam)\.?\s{1,3})?$",
+    _I,
+)
+_STREET_SUFFIXES = (
+    "katu", "gata", "gatan", "gade", "vej", "weg", "straße", "strasse", "väg", "vägen", "polku", "laan",
+    "straat", "utca", "ulica", "sokak", "caddesi", "allee", "gasse", "platz", "damm", "ufer",
+    "veien", "vegen", "stræde", "torget", "gränd", "stig", "stieg", "steig", "markt",
+    "vænget", "vangen", "bakken", "stien", "gaten", "vegur", "gård", "kuja", "brücke", "intie", "ntie",
+)  # fmt: skip
+# Street words that also run through ordinary text next to a number ("Row 2", "1 square", "6 box", "del 1
+# al 90", "7. Building ...", "via 1890"): they still help the tagger, but do not make an address alone.
+_COMMON_STREET_WORDS = frozenset(
+    _words(
+        """
+        row square sq via al ul cad building bldg path loop view unit box close floor fl walk hill circle
+        cir trail gardens grove plaza bypass pike apt apartment suite ste po p.o psc cmr dpo apo fpo way
+        place pl court ct
+        """
+    )
+)
+_ADDRESS_STREET_WORDS = _STREET_WORDS - _COMMON_STREET_WORDS
+_UNIT_WORDS = frozenset(_words("apt apartment suite ste unit box po psc cmr dpo apo fpo bldg floor fl"))
+# "my address is", "lives at", "ship to": a numbered span after these is an address even without a
+# known street word ("450 Præstevænget 15").
+_ADDRESS_CUE_RE = re.compile(
+    r"\b(?:address(?:es)?|addr|(?:live[sd]?|living|located|resid\w*|ship(?:ped)?|deliver(?:ed)?|send|sent|moved"
+    r"|visit)\s+(?:\w+\s+)?(?:at|on|to|in))\b[^.!?\n]{0,16}$",
+    _I,
+)
+_HOUSE_NUMBER_RE = re.compile(r"(?<![\w.,+\-*/=^])\d{1,5}[A-Za-z]?(?![\w]|[.,:]\d|\s?[+\-*/=^%])")
+
+
+def _street_address_with_number(text: str, start: int, end: int) -> bool:
+    """A STREET_ADDRESS span that locates a home or an office: a house number and a street word ("221B
+    Baker Street", "Kiannonkatu 9", "Rúa do Paseo 46") or an address cue before it, not a number next
+    to any word ("10 rows", "Row 2, Col 2", "2020 U.", "12,7,2")."""
+    span = text[start:end]
+    if _HOUSE_NUMBER_RE.search(span) is None:
+        return False
+    tokens = _WORD_TOKEN_RE.findall(span)
+    for k, word in enumerate(tokens):
+        low = word.lower()
+        if low in _ADDRESS_STREET_WORDS or (len(low) > 5 and low.endswith(_STREET_SUFFIXES)):
+            return True
+        # a common street word after a capitalised name ("Chestnut Way", "Elm Place"), not "Row 2"
+        if low in _COMMON_STREET_WORDS and k > 0 and tokens[k - 1].isalpha() and tokens[k - 1][0].isupper():
+            return True
+        # a unit or box with its number ("Apt. 342", "Suite 828", "PSC 5420, Box 2708"), not "6 box"
+        if low in _UNIT_WORDS and k + 1 < len(tokens) and tokens[k + 1][:1].isdigit():
+            return True
+    words = [w for w in tokens if w.isalpha()]
+    return bool(words) and _ADDRESS_CUE_RE.search(text, max(0, start - 40), start) is not None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Detector
 # ---------------------------------------------------------------------------------------------------------
@@ -1098,6 +1201,8 @@ class PiiDetector:
     `tagger_max_chars`: the tagger (about 15 us per token in CPython) looks at the first
     `tagger_max_chars` characters only; the pattern recognizers
     (about 1-2 s per MB in the worst case) always see the whole text. None = no limit.
+    `identifying_types` / `person_min_score`: which findings are marked `identifying` (the values the
+    shipped policy tokenizes; see `IDENTIFYING_TYPES`); every type is reported either way.
     """
 
     name = "pii"
@@ -1108,11 +1213,53 @@ class PiiDetector:
         use_tagger: bool = True,
         entities: Iterable[str] | None = None,
         tagger_max_chars: int | None = 100_000,
+        identifying_types: Iterable[str] = IDENTIFYING_TYPES,
+        person_min_score: float = PERSON_MIN_SCORE,
     ):
         self.threshold = threshold
         self.use_tagger = use_tagger
         self.entities = frozenset(entities) if entities is not None else None
         self.tagger_max_chars = tagger_max_chars
+        self.identifying_types = frozenset(identifying_types)
+        self.person_min_score = person_min_score
+
+    def warm(self) -> None:
+        """Load the tagger and the gazetteer now (a gateway calls this at start, so that the first
+        request does not pay for it)."""
+        _gazetteer()
+        if self.use_tagger:
+            _tagger()
+        self.scan("Warm-up: Maria Lopez <maria@example.com>, +1 415 555 0100, 221B Baker Street, London.")
+
+    def _identifying(self, text: str, type_: str, start: int, end: int, score: float, cased: bool) -> bool:
+        if type_ not in self.identifying_types:
+            return False
+        if type_ == "STREET_ADDRESS":
+            return _street_address_with_number(text, start, end)
+        if type_ == "PERSON":  # and a personal cue, or other identifying data in the text (_with_people)
+            return (
+                score >= self.person_min_score
+                and _name_like(text, start, end, cased)
+                and _PERSON_CUE_RE.search(text, max(0, start - 40), start) is not None
+            )
+        return True
+
+    def _with_people(self, text: str, offset: int, found: list[Finding], cased: bool) -> list[Finding]:
+        """Names in a text that also carries identifying data (an e-mail, a phone number, an address) are
+        that person's: the name-shaped PERSON findings become identifying too."""
+        if "PERSON" not in self.identifying_types or not any(
+            f.identifying and f.type != "PERSON" for f in found
+        ):
+            return found
+        return [
+            replace(f, identifying=True)
+            if f.type == "PERSON"
+            and not f.identifying
+            and f.score >= self.person_min_score
+            and _name_like(text, f.start - offset, f.end - offset, cased)
+            else f
+            for f in found
+        ]
 
     def scan(self, text: str, source: Source = "user") -> list[Finding]:
         del source  # the same rules for every source
@@ -1147,14 +1294,11 @@ class PiiDetector:
     def _scan_window(self, text: str, offset: int, use_tagger: bool) -> list[Finding]:
         hits = _resolve(_pattern_hits(text))
         tagger = _tagger() if use_tagger else None
-        if tagger is None:
+        toks = tokenize(text) if tagger is not None else []
+        if tagger is None or not toks:
+            cased = _has_upper(text)
             return [
-                Finding(DETECTOR, h.type, h.start + offset, h.end + offset, h.score, h.evidence) for h in hits
-            ]
-        toks = tokenize(text)
-        if not toks:
-            return [
-                Finding(DETECTOR, h.type, h.start + offset, h.end + offset, h.score, h.evidence) for h in hits
+                self._finding(text, offset, h.type, h.start, h.end, h.score, h.evidence, cased) for h in hits
             ]
         ptypes = pattern_types_per_token(toks, hits)
         probs = tagger.predict_tokens(text, toks, ptypes)
@@ -1174,14 +1318,35 @@ class PiiDetector:
                 return lab in _CONTAINERS
 
             hits = [h for h in hits if h.score >= WEAK or not inside(h)]
-        out = [Finding(DETECTOR, h.type, h.start + offset, h.end + offset, h.score, h.evidence) for h in hits]
+        cased = _has_upper(text)
+        out = [self._finding(text, offset, h.type, h.start, h.end, h.score, h.evidence, cased) for h in hits]
         hit_starts = [h.start for h in hits]
         for lab, s, e, sc in spans:
             if hits and _overlaps_any(s, e, hit_starts, hits):
                 continue
-            out.append(Finding(DETECTOR, lab, s + offset, e + offset, round(sc, 4), "model:" + lab.lower()))
+            if lab in _NAMED and not _plausible_entity(text, lab, s, e, cased):
+                continue
+            out.append(self._finding(text, offset, lab, s, e, round(sc, 4), "model:" + lab.lower(), cased))
         out.sort(key=lambda f: (f.start, f.end))
-        return out
+        return self._with_people(text, offset, out, cased)
+
+    def _finding(
+        self,
+        text: str,
+        offset: int,
+        type_: str,
+        start: int,
+        end: int,
+        score: float,
+        evidence: str,
+        cased: bool,
+    ) -> Finding:
+        identifying = self._identifying(text, type_, start, end, score, cased)
+        return Finding(DETECTOR, type_, start + offset, end + offset, score, evidence, identifying)
+
+
+def _has_upper(text: str) -> bool:
+    return re.search(r"[A-Z]", text) is not None or (not text.isascii() and any(c.isupper() for c in text))
 
 
 def _dedupe_overlaps(found: list[Finding]) -> list[Finding]:

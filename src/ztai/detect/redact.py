@@ -19,24 +19,25 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ztai.detect.base import Finding
+from ztai.detect.base import Finding, disjoint_by_rank
 
 _PLACEHOLDER = re.compile(r"<([A-Z][A-Z0-9_]{0,40})_(\d{1,6})>")
 # When findings overlap, the more specific kind wins.
 _PRIORITY = {"secrets": 3, "canary": 3, "pii": 2}
 
 
+def replaceable_findings(findings: Iterable[Finding]) -> list[Finding]:
+    """The findings redaction replaces: secrets and canaries, and personal data that identifies or reaches
+    a person (`Finding.identifying`; countries, companies, languages, dates stay in the text)."""
+    return [f for f in findings if f.detector in _PRIORITY and f.identifying]
+
+
 def select_spans(findings: Iterable[Finding]) -> list[Finding]:
-    """Non-overlapping findings to replace: higher priority first, then longer, then earlier."""
-    candidates = sorted(
-        (f for f in findings if f.detector in _PRIORITY and f.end > f.start),
-        key=lambda f: (-_PRIORITY[f.detector], -(f.end - f.start), f.start),
+    """Non-overlapping replaceable findings: higher priority first, then longer, then earlier (linear in
+    the findings' total length)."""
+    return disjoint_by_rank(
+        ((-_PRIORITY[f.detector], f.start - f.end, f.start), f) for f in replaceable_findings(findings)
     )
-    chosen: list[Finding] = []
-    for finding in candidates:
-        if all(finding.end <= other.start or finding.start >= other.end for other in chosen):
-            chosen.append(finding)
-    return sorted(chosen, key=lambda f: f.start)
 
 
 @dataclass
@@ -119,9 +120,12 @@ def redact(
     chosen = select_spans(findings)
     pieces: list[str] = []
     cursor = 0
-    for finding, item in zip(chosen, replacements(text, chosen, restorable=restorable), strict=True):
+    for finding in chosen:  # the same items as `replacements(text, findings)`, without selecting twice
         pieces.append(text[cursor : finding.start])
-        pieces.append(vault.placeholder_for(item.kind, item.value, restorable=item.restorable))
+        value = text[finding.start : finding.end]
+        pieces.append(
+            vault.placeholder_for(finding.type, value, restorable=restorable and finding.detector == "pii")
+        )
         cursor = finding.end
     pieces.append(text[cursor:])
     return "".join(pieces), chosen

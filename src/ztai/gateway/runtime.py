@@ -44,9 +44,20 @@ def _route_inspectors(settings: Settings, canaries: CanaryDetector | None) -> di
     routes = {"chat": detect.chat, "embed": detect.embeddings}
     extra: list[Detector] = [canaries] if canaries is not None else []
 
+    options = {"pii": detect.pii.model_dump()}
+    loaded: dict[str, Detector] = {}  # one instance per detector, shared by the routes
+
     def inspector(names: list[str]) -> Inspector | None:
-        detectors = [load_detector(name) for name in names if name != "canary"] + extra
-        return Inspector([], detectors=detectors) if detectors else None
+        detectors = [
+            loaded.get(name) or loaded.setdefault(name, load_detector(name, options.get(name)))
+            for name in names
+            if name != "canary"
+        ] + extra
+        if not detectors:
+            return None
+        found = Inspector([], detectors=detectors)
+        found.warm()  # models load at start, not on the first request
+        return found
 
     return {
         action: RouteInspectors(inspector(route.input), inspector(route.output), detect.stream_holdback_chars)
@@ -137,6 +148,7 @@ class Runtime:
             approvals=approvals,
             canaries=canaries,
         )
+        guard.inspector.warm()  # the tool-output detectors too: nothing loads on the first request
         return cls(
             settings,
             database,

@@ -25,6 +25,7 @@ def default_context() -> dict[str, Any]:
             "injection_score": 0,
             "injection_flagged": False,
             "pii_types": [],
+            "pii_identifying_types": [],
             "secret_types": [],
             "obfuscation": [],
             "canary": False,
