@@ -180,6 +180,7 @@ class McpServerSettings(_Section):
     api_key_env: str = ""  # environment variable with a bearer token for the upstream; never the token
     timeout_seconds: float = Field(30.0, gt=0)
     max_response_bytes: int = Field(4 * 1_048_576, ge=1024, le=64 * 1_048_576)
+    max_event_bytes: int = Field(4 * 1_048_576, ge=1024, le=64 * 1_048_576)  # one SSE event of an answer
     # Results of this server's tools are trusted content (e.g. an internal, curated system). Default:
     # untrusted unless a tool says `openWorldHint: false`.
     trusted: bool = False
@@ -223,6 +224,10 @@ class UpstreamSettings(_Section):
     api_key_env: str = ""  # name of the environment variable holding the key; never the key itself
     models: list[str] = []
     timeout_seconds: float = Field(60.0, gt=0)
+    # An answer (a whole stream, or a body after decompression) over this is refused (502), as is one
+    # stream event over `max_event_bytes`.
+    max_response_bytes: int = Field(16 * 1_048_576, ge=1024, le=256 * 1_048_576)
+    max_event_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
 
     @field_validator("base_url")
     @classmethod
