@@ -130,6 +130,9 @@ DETECTOR_NAMES = ("injection", "pii", "secrets", "canary")
 class RouteDetectors(_Section):
     input: list[str] = ["injection", "pii", "secrets"]
     output: list[str] = ["pii", "secrets"]
+    # All the texts of one request together (messages, tool-call arguments, inputs); more is refused
+    # (413) rather than scanned: scanning costs time in proportion to the text.
+    max_input_chars: int = Field(500_000, ge=1_000, le=16_000_000)
 
     @field_validator("input", "output")
     @classmethod

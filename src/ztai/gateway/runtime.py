@@ -37,6 +37,7 @@ class RouteInspectors:
     input: Inspector | None
     output: Inspector | None
     holdback: int
+    max_input_chars: int  # all the texts of one request together; more is refused (413)
 
 
 def _route_inspectors(settings: Settings, canaries: CanaryDetector | None) -> dict[str, RouteInspectors]:
@@ -49,7 +50,12 @@ def _route_inspectors(settings: Settings, canaries: CanaryDetector | None) -> di
         return Inspector([], detectors=detectors) if detectors else None
 
     return {
-        action: RouteInspectors(inspector(route.input), inspector(route.output), detect.stream_holdback_chars)
+        action: RouteInspectors(
+            inspector(route.input),
+            inspector(route.output),
+            detect.stream_holdback_chars,
+            route.max_input_chars,
+        )
         for action, route in routes.items()
     }
 
