@@ -421,3 +421,38 @@ async def test_tool_calls_in_the_history_are_redacted_before_the_provider_sees_t
     assert orjson.loads(sent[1]["tool_calls"][0]["function"]["arguments"]) == {"token": "<GITHUB_TOKEN_1>"}
     assert sent[2]["content"] == "deployed; notified <EMAIL_ADDRESS_1>"
     assert orjson.loads(sent[3]["function_call"]["arguments"]) == {"t": "<GITHUB_TOKEN_1>"}
+
+
+# Load --------------------------------------------------------------------------------------------------
+async def test_the_revocation_list_stays_fresh_through_a_large_request(
+    gateway: Gateway, provider: Provider
+) -> None:
+    """5,000 e-mail addresses (~100 KB) are scanned off the loop: the revocation refresher (every second;
+    stale, so 503, after five) keeps its schedule meanwhile, and the next request is served."""
+    import time
+
+    provider.answer(completion({"content": "ok"}))
+    large = " ".join(f"user{i}@example.com" for i in range(5000))
+    revocations = gateway.runtime.revocations
+    started = time.monotonic()
+    response = await gateway.chat(large)
+    took = time.monotonic() - started
+    assert response.status_code == 200, response.text
+    assert (
+        EMAIL not in orjson.dumps(provider.seen[-1]).decode()
+        and "user4999@" not in orjson.dumps(provider.seen[-1]).decode()
+    )
+    age = time.monotonic() - revocations._fresh_at
+    assert age < 2.5, (age, took)  # refreshed during the request, whatever it took
+    assert (await gateway.chat("and a small one")).status_code == 200
+    assert (await gateway.http.get("/readyz")).json()["checks"]["revocations"] == "ok"
+
+
+async def test_a_request_with_more_text_than_the_route_inspects_is_refused(
+    gateway: Gateway, provider: Provider
+) -> None:
+    provider.answer(completion({"content": "ok"}))
+    limit = gateway.runtime.settings.detect.chat.max_input_chars
+    response = await gateway.chat("word " * (limit // 5 + 1))
+    assert response.status_code == 413 and response.json()["error"]["code"] == "input_too_large"
+    assert not provider.seen

@@ -293,7 +293,7 @@ async def test_a_large_request_is_scanned_off_the_event_loop_and_bounded() -> No
     import threading
 
     from ztai.errors import PayloadTooLarge
-    from ztai.gateway.content import OFF_LOOP_CHARS
+    from ztai.gateway.scanning import OFF_LOOP_CHARS
 
     threads: list[str] = []
 

@@ -84,8 +84,9 @@ audit:
   commit_before_forward: false  # true: commit the audit event before the upstream sees the request
 
 detect:                    # content detectors per route; policies/content.cedar decides what findings mean
-  chat: {{input: [injection, pii, secrets], output: [pii, secrets]}}
-  embeddings: {{input: [pii, secrets], output: []}}
+  # max_input_chars: all the texts of one request together; more is refused (413) rather than scanned
+  chat: {{input: [injection, pii, secrets], output: [pii, secrets], max_input_chars: 500000}}
+  embeddings: {{input: [pii, secrets], output: [], max_input_chars: 500000}}
   stream_holdback_chars: 64  # streamed answers are held back this much so split values are still caught
   canaries: false          # true: a canary token in every system prompt; seeing it again is a leak
 
@@ -93,6 +94,8 @@ upstreams:
   mock:                    # the built-in mock (`ztai mock-upstream --port 9100`)
     base_url: http://127.0.0.1:9100/v1
     models: [mock]
+    # max_response_bytes: 16777216  # an answer (decoded) or a whole stream beyond this: 502
+    # max_event_bytes: 1048576      # one stream event beyond this: refused
   # openai:
   #   base_url: https://api.openai.com/v1
   #   api_key_env: OPENAI_API_KEY   # the variable's name; the key never appears in config or logs

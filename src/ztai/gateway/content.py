@@ -10,15 +10,13 @@ decided on again with the output's findings, and redacted per that decision; str
 filtered incrementally, per choice and per tool call, with a small hold-back window, so a value split
 across chunks is still caught. An answer that cannot be read is refused, never passed on unread.
 
-Scanning costs about linear time in the text; texts over `OFF_LOOP_CHARS` are scanned on a small
-executor so one large request does not stall every other request on the event loop.
+Large texts are scanned and redacted off the event loop (ztai.gateway.scanning), and a request's texts
+are bounded in all (`detect.<route>.max_input_chars`, 413 beyond).
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +29,7 @@ from ztai.detect.redact import placeholders_in, redact, replacements, restore
 from ztai.detect.secrets import open_private_key
 from ztai.detect.vault import SessionVault
 from ztai.errors import PayloadTooLarge, UpstreamResponseInvalid
+from ztai.gateway.scanning import ScanTask, off_loop, scan_texts
 from ztai.gateway.sse import SseDecoder, SseEvent, encode_sse
 
 REDACTING_OBLIGATIONS = frozenset({"redact", "tokenize"})
@@ -40,10 +39,6 @@ _ROLE_SOURCES: dict[str, Source] = {
     "assistant": "model_output",
 }
 _TRUSTED_ROLES = frozenset({"system", "developer"})  # the app's own instructions: no injection scoring
-# Texts (all of a request's, or one stream window) at least this long are scanned off the event loop;
-# below it the thread hop costs more than the scan (bench/inspection_load.py).
-OFF_LOOP_CHARS = 2048
-_SCANNERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ztai-inspect")
 
 
 def message_source(role: str) -> Source:
@@ -123,11 +118,22 @@ class RequestContent:
         ]
         if not targets:
             return None
-        await vault.prepare(
-            item for *_, text, found in targets for item in replacements(text, found, restorable=tokenize)
+        size = sum(len(text) for _, _, text, _ in targets)
+        items = await off_loop(
+            size,
+            lambda: [
+                r for *_, text, found in targets for r in replacements(text, found, restorable=tokenize)
+            ],
         )
-        for container, key, text, found in targets:
-            container[key], _ = redact(text, found, vault.tokens, restorable=tokenize)
+        await vault.prepare(items)
+        redacted = await off_loop(
+            size,
+            lambda: [
+                redact(text, found, vault.tokens, restorable=tokenize)[0] for *_, text, found in targets
+            ],
+        )
+        for (container, key, _, _), text in zip(targets, redacted, strict=True):
+            container[key] = text
         return orjson.dumps(payload)
 
 
@@ -140,8 +146,8 @@ async def _redacted(text: str, findings: list[Finding], vault: SessionVault) -> 
     found = _replaceable(findings)
     if not found:
         return text
-    await vault.prepare(replacements(text, found))
-    return redact(text, found, vault.tokens)[0]
+    await vault.prepare(await off_loop(len(text), lambda: replacements(text, found)))
+    return await off_loop(len(text), lambda: redact(text, found, vault.tokens)[0])
 
 
 async def _restored(text: str, vault: SessionVault, *, in_json: bool = False) -> str:
@@ -157,20 +163,6 @@ async def _restored(text: str, vault: SessionVault, *, in_json: bool = False) ->
     return text
 
 
-_Task = tuple[str, Source, Sequence[str]]  # (text, source, detectors to skip)
-
-
-async def scan_texts(inspector: Inspector, tasks: list[_Task]) -> list[list[Finding]]:
-    """The findings for each text: inline when they are short together, else on the scanning executor."""
-
-    def scan_all() -> list[list[Finding]]:
-        return [inspector.scan(text, source, exclude) for text, source, exclude in tasks]
-
-    if sum(len(text) for text, _, _ in tasks) < OFF_LOOP_CHARS:
-        return scan_all()
-    return await asyncio.get_running_loop().run_in_executor(_SCANNERS, scan_all)
-
-
 async def inspect_request(
     inspector: Inspector, payload: dict[str, Any], max_chars: int | None = None
 ) -> RequestContent:
@@ -182,7 +174,7 @@ async def inspect_request(
             f"the request carries {total} characters of text; at most {max_chars} are inspected",
             code="input_too_large",
         )
-    tasks: list[_Task] = [
+    tasks: list[ScanTask] = [
         (container[key], message_source(role), ("injection",) if role in _TRUSTED_ROLES else ())
         for role, container, key in slots
     ]
@@ -254,7 +246,7 @@ async def filter_completion(
     Raises UpstreamResponseInvalid for a body that is not a chat completion."""
     document, choices = _completion_choices(body)
     slots = [slot for choice in choices for slot in _answer_slots(choice["message"])]
-    tasks: list[_Task] = [(container[key], "model_output", ()) for container, key, _ in slots]
+    tasks: list[ScanTask] = [(container[key], "model_output", ()) for container, key, _ in slots]
     found = await scan_texts(inspector, tasks)
     inspection = Inspection([ScannedText("model_output", t[0], f) for t, f in zip(tasks, found, strict=True)])
     redact_output = decide_output(inspection)
