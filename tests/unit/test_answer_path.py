@@ -456,3 +456,21 @@ async def test_a_request_with_more_text_than_the_route_inspects_is_refused(
     response = await gateway.chat("word " * (limit // 5 + 1))
     assert response.status_code == 413 and response.json()["error"]["code"] == "input_too_large"
     assert not provider.seen
+
+
+async def test_fields_ztai_does_not_inspect_are_dropped_not_passed_on(
+    gateway: Gateway, provider: Provider
+) -> None:
+    provider.answer(
+        completion({"content": "fine", "reasoning_content": SECRET, "audio": {"transcript": SECRET}})
+    )
+    response = await gateway.chat()
+    assert response.status_code == 200 and SECRET not in response.text
+    assert response.json()["choices"][0]["message"] == {"role": "assistant", "content": "fine"}
+    events = text_stream("a text long enough to be released before the stream ends, surely")
+    events[0]["choices"][0]["delta"]["reasoning_content"] = SECRET
+    events[1]["choices"][0]["message"] = {"content": SECRET}
+    events[1]["choices"][0]["logprobs"] = {"content": [{"token": SECRET}]}
+    provider.answer(sse(events), "text/event-stream")
+    response = await gateway.chat(stream=True)
+    assert SECRET not in response.text

@@ -207,7 +207,18 @@ def add_canary(payload: dict[str, Any], token: str) -> bytes:
 
 # Output ------------------------------------------------------------------------------------------
 _TEXT_FIELDS = ("content", "refusal")
+# What a filtered message (or stream delta) keeps: fields ztai inspects or that carry no model text.
+# Anything else (`reasoning_content`, `audio` transcripts, extensions) is dropped rather than passed on
+# unread.
+_MESSAGE_FIELDS = frozenset({"role", "content", "refusal", "tool_calls", "function_call", "annotations"})
 MAX_STREAM_PARTS = 256  # (choice, tool call) pairs one stream may fill; more is not a real answer
+
+
+def _only_inspected(message: dict[str, Any]) -> dict[str, Any]:
+    """`message` (or a stream delta) without the fields ztai does not inspect (in place)."""
+    for key in [k for k in message if k not in _MESSAGE_FIELDS]:
+        del message[key]
+    return message
 
 
 def _answer_slots(message: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str, bool]]:
@@ -245,7 +256,7 @@ async def filter_completion(
     `decide_output(inspection)` returns whether to redact (and raises when the output must be refused).
     Raises UpstreamResponseInvalid for a body that is not a chat completion."""
     document, choices = _completion_choices(body)
-    slots = [slot for choice in choices for slot in _answer_slots(choice["message"])]
+    slots = [slot for choice in choices for slot in _answer_slots(_only_inspected(choice["message"]))]
     tasks: list[ScanTask] = [(container[key], "model_output", ()) for container, key, _ in slots]
     found = await scan_texts(inspector, tasks)
     inspection = Inspection([ScannedText("model_output", t[0], f) for t, f in zip(tasks, found, strict=True)])
@@ -412,6 +423,8 @@ class _StreamRewriter:
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             delta = choice["delta"] = {}
+        _only_inspected(delta)
+        choice.pop("message", None)  # a chunk carries deltas; a whole message here would go unread
         if choice.get("logprobs") is not None:
             choice["logprobs"] = None  # its tokens spell out the unfiltered text
         for key in _TEXT_FIELDS:

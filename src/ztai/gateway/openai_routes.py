@@ -161,6 +161,7 @@ async def _streamed_response(
         first = await anext(chunks, b"")
     except BaseException:
         await chunks.aclose()
+        streamed.release()  # the inner reader may not have reached its own release
         raise
     return StreamingResponse(
         _sse_errors(first, chunks),
