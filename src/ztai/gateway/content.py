@@ -155,7 +155,7 @@ async def _restored(text: str, vault: SessionVault, *, in_json: bool = False) ->
     the text is inside a JSON string (tool-call arguments), so values go back JSON-escaped."""
     await vault.load(text)
     if not in_json:
-        return restore(text, vault.tokens)
+        return await off_loop(len(text), lambda: restore(text, vault.tokens))
     for placeholder in placeholders_in(text):
         value = vault.tokens.value_of(placeholder)
         if value is not None:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import multiprocessing
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -27,6 +29,7 @@ from ztai.detect.inspector import DETECTORS, Inspector, load_detector
 # the loop is never held more than ~2 ms by one scan, and short prompts skip the hop.
 OFF_LOOP_CHARS = 1024
 PROCESS_WORKERS = 1
+WORKER_NICENESS = 10
 
 ScanTask = tuple[str, Source, Sequence[str]]  # (text, source, detectors to skip)
 _T = TypeVar("_T")
@@ -92,6 +95,13 @@ def _scan_with(detectors: Sequence[Detector], tasks: list[ScanTask]) -> list[lis
 _worker_detectors: dict[str, Detector] = {}
 
 
+def _lower_priority() -> None:
+    """In the worker: bulk scanning yields the CPU to the event loop's short requests when cores are
+    busy (a large request takes longer, the others keep their latency)."""
+    with contextlib.suppress(OSError):
+        os.nice(WORKER_NICENESS)
+
+
 def _scan_in_worker(names: tuple[str, ...], tasks: list[ScanTask]) -> list[list[Finding]]:
     """In the worker process: the named detectors, loaded once, over the texts."""
     for name in names:
@@ -106,7 +116,9 @@ def _process_pool() -> ProcessPoolExecutor:
         if _processes is None:
             # spawn: a fork of a process with running threads (the audit writer, the loop) is unsafe.
             context = multiprocessing.get_context("spawn")
-            _processes = ProcessPoolExecutor(max_workers=PROCESS_WORKERS, mp_context=context)
+            _processes = ProcessPoolExecutor(
+                max_workers=PROCESS_WORKERS, mp_context=context, initializer=_lower_priority
+            )
         return _processes
 
 
