@@ -165,6 +165,7 @@ class Runtime:
 
     async def start(self) -> None:
         self.audit.start()
+        scanning.prefer_event_loop()
         # The scanning worker loads its detectors now, not during the first large request.
         scanning.warm(
             sorted(

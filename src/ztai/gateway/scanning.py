@@ -5,7 +5,9 @@ A longer one goes to a worker process when its detectors are the shipped, statel
 `secrets`, `injection`, loaded there by name): a thread would share the interpreter lock with the event
 loop and still slow every other request while it runs. Detectors a process cannot rebuild (the canary
 detector, which knows the canaries this process issued; detectors handed in by tests) scan on a thread.
-Other CPU work on large texts (redaction) uses the same thread pool through `off_loop`.
+Other CPU work on large texts (redaction, restoring, audit hashes) uses a thread pool through `off_loop`.
+The worker runs at a lower CPU priority, and a serving process hands the interpreter lock back to the
+loop sooner (`prefer_event_loop`), so short requests keep their latency while a large one is worked on.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -30,6 +33,10 @@ from ztai.detect.inspector import DETECTORS, Inspector, load_detector
 OFF_LOOP_CHARS = 1024
 PROCESS_WORKERS = 1
 WORKER_NICENESS = 10
+# How long a thread (redacting a large text, the audit writer) may hold the interpreter lock while the
+# event loop waits for it: Python's default 5 ms, several times per request, is what the tail latency of
+# short requests was made of under a large one (bench/inspection_load.py: p99 207 -> 68 ms at 1 MB).
+LOOP_SWITCH_INTERVAL = 0.0005
 
 ScanTask = tuple[str, Source, Sequence[str]]  # (text, source, detectors to skip)
 _T = TypeVar("_T")
@@ -130,6 +137,11 @@ def _discard_pool() -> None:
             log.warning("the scanning worker process failed; large texts are scanned on threads from now on")
         _processes_failed = True
     _shutdown(broken)
+
+
+def prefer_event_loop() -> None:
+    """For a serving process: hand the interpreter lock back to the event loop sooner (process-wide)."""
+    sys.setswitchinterval(min(sys.getswitchinterval(), LOOP_SWITCH_INTERVAL))
 
 
 def warm(names: Sequence[str]) -> None:
