@@ -13,7 +13,8 @@ from ztai.detect.canary import CanaryDetector
 from ztai.detect.inspector import Inspection, Inspector
 from ztai.detect.redact import TokenVault, redact, restore, select_spans, span_hash
 from ztai.detect.vault import SessionVault
-from ztai.gateway.content import StreamFilter, filter_completion, filter_sse, inspect_request
+from ztai.gateway.answer_stream import filter_sse
+from ztai.gateway.content import StreamFilter, filter_completion, inspect_request
 
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.]+")
 KEY = re.compile(r"sk-[A-Za-z0-9]{20,}")

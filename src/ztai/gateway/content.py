@@ -7,8 +7,9 @@ for the request, or in the session's vault, ztai.detect.vault) so the caller get
 answer. Assistant messages' tool-call arguments are scanned as what the model wrote (`model_output`),
 `tool` messages as `tool_output`. Output: the answer (text, refusals, tool-call arguments) is scanned too,
 decided on again with the output's findings, and redacted per that decision; streamed answers are
-filtered incrementally, per choice and per tool call, with a small hold-back window, so a value split
-across chunks is still caught. An answer that cannot be read is refused, never passed on unread.
+filtered incrementally (`StreamFilter`, one per choice and tool call: ztai.gateway.answer_stream) with a
+small hold-back window, so a value split across chunks is still caught. An answer that cannot be read is
+refused, never passed on unread.
 
 Large texts are scanned and redacted off the event loop (ztai.gateway.scanning), and a request's texts
 are bounded in all (`detect.<route>.max_input_chars`, 413 beyond).
@@ -16,7 +17,7 @@ are bounded in all (`detect.<route>.max_input_chars`, 413 beyond).
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,6 @@ from ztai.detect.secrets import open_private_key
 from ztai.detect.vault import SessionVault
 from ztai.errors import PayloadTooLarge, UpstreamResponseInvalid
 from ztai.gateway.scanning import ScanTask, off_loop, scan_texts
-from ztai.gateway.sse import SseDecoder, SseEvent, encode_sse
 
 REDACTING_OBLIGATIONS = frozenset({"redact", "tokenize"})
 _ROLE_SOURCES: dict[str, Source] = {
@@ -206,15 +206,14 @@ def add_canary(payload: dict[str, Any], token: str) -> bytes:
 
 
 # Output ------------------------------------------------------------------------------------------
-_TEXT_FIELDS = ("content", "refusal")
+TEXT_FIELDS = ("content", "refusal")
 # What a filtered message (or stream delta) keeps: fields ztai inspects or that carry no model text.
 # Anything else (`reasoning_content`, `audio` transcripts, extensions) is dropped rather than passed on
 # unread.
 _MESSAGE_FIELDS = frozenset({"role", "content", "refusal", "tool_calls", "function_call", "annotations"})
-MAX_STREAM_PARTS = 256  # (choice, tool call) pairs one stream may fill; more is not a real answer
 
 
-def _only_inspected(message: dict[str, Any]) -> dict[str, Any]:
+def only_inspected(message: dict[str, Any]) -> dict[str, Any]:
     """`message` (or a stream delta) without the fields ztai does not inspect (in place)."""
     for key in [k for k in message if k not in _MESSAGE_FIELDS]:
         del message[key]
@@ -224,14 +223,14 @@ def _only_inspected(message: dict[str, Any]) -> dict[str, Any]:
 def _answer_slots(message: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str, bool]]:
     """(container, key, in_json) for every text the model wrote in a message or a stream delta: its
     content and refusal, and its tool calls' arguments (JSON text)."""
-    for key in _TEXT_FIELDS:
+    for key in TEXT_FIELDS:
         if isinstance(message.get(key), str):
             yield message, key, False
     for function in _call_functions(message):
         yield function, "arguments", True
 
 
-def _unreadable(what: str) -> UpstreamResponseInvalid:
+def unreadable(what: str) -> UpstreamResponseInvalid:
     return UpstreamResponseInvalid(f"the upstream answer cannot be inspected: {what}")
 
 
@@ -240,12 +239,12 @@ def _completion_choices(body: bytes) -> tuple[dict[str, Any], list[dict[str, Any
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise _unreadable("it is not JSON") from None
+        raise unreadable("it is not JSON") from None
     choices = document.get("choices") if isinstance(document, dict) else None
     if not isinstance(choices, list):
-        raise _unreadable("it is not a chat completion (no 'choices' list)")
+        raise unreadable("it is not a chat completion (no 'choices' list)")
     if not all(isinstance(c, dict) and isinstance(c.get("message"), dict) for c in choices):
-        raise _unreadable("a choice carries no 'message' object")
+        raise unreadable("a choice carries no 'message' object")
     return document, choices
 
 
@@ -256,7 +255,7 @@ async def filter_completion(
     `decide_output(inspection)` returns whether to redact (and raises when the output must be refused).
     Raises UpstreamResponseInvalid for a body that is not a chat completion."""
     document, choices = _completion_choices(body)
-    slots = [slot for choice in choices for slot in _answer_slots(_only_inspected(choice["message"]))]
+    slots = [slot for choice in choices for slot in _answer_slots(only_inspected(choice["message"]))]
     tasks: list[ScanTask] = [(container[key], "model_output", ()) for container, key, _ in slots]
     found = await scan_texts(inspector, tasks)
     inspection = Inspection([ScannedText("model_output", t[0], f) for t, f in zip(tasks, found, strict=True)])
@@ -343,186 +342,3 @@ class StreamFilter:
         if findings and self._decide_output(Inspection([ScannedText("model_output", text, findings)])):
             text = await _redacted(text, findings, self._vault)
         return await _restored(text, self._vault, in_json=self._in_json)
-
-
-async def filter_sse(
-    chunks: AsyncIterator[bytes],
-    stream: StreamFilter,
-    before_release: Callable[[], Awaitable[None]],
-    max_event_bytes: int = 1_048_576,
-) -> AsyncGenerator[bytes, None]:
-    """Re-emit an OpenAI chat SSE stream with every text the model writes passed through a filter of its
-    own (forked from `stream`): each choice's content and refusal, each tool call's arguments; what is
-    released stays under its own choice and tool-call index. Raises UpstreamResponseInvalid for an event
-    that is not a chat chunk, UpstreamResponseTooLarge for one over `max_event_bytes`.
-
-    `before_release` runs before each event goes out (it makes pending audit records durable)."""
-    decoder = SseDecoder(max_event_bytes)
-    rewriter = _StreamRewriter(stream)
-    async for chunk in chunks:
-        for event in decoder.feed(chunk):
-            async for out in rewriter.event(event):
-                await before_release()
-                yield out
-    for event in decoder.close():
-        async for out in rewriter.event(event):
-            await before_release()
-            yield out
-    async for out in rewriter.rest():
-        await before_release()
-        yield out
-
-
-_Part = tuple[int, int | str]  # (choice index, tool call index or a text field's name)
-
-
-class _StreamRewriter:
-    """The state of one filtered stream: a StreamFilter per (choice, text), and the first chunk's fields
-    (id, model, ...) for the events it adds."""
-
-    def __init__(self, stream: StreamFilter) -> None:
-        self._stream = stream
-        self._filters: dict[_Part, StreamFilter] = {}
-        self._template: dict[str, Any] = {}
-
-    async def event(self, event: SseEvent) -> AsyncIterator[bytes]:
-        if event.data.strip() == "[DONE]":
-            async for out in self.rest():
-                yield out
-            yield encode_sse(event)
-            return
-        if not event.data.strip():
-            yield encode_sse(event)  # an id / retry only event
-            return
-        document = _chunk_json(event.data)
-        choices = document.get("choices")
-        if not choices:
-            yield encode_sse(event)  # a usage chunk, or a provider's error event: no model text
-            return
-        self._template = self._template or {k: v for k, v in document.items() if k != "choices"}
-        kept = [choice for choice in choices if await self._filtered_choice(choice)]
-        if kept or document.get("usage"):
-            document["choices"] = kept
-            yield encode_sse(SseEvent(orjson.dumps(document).decode(), event.event, event.id, event.retry))
-
-    async def rest(self) -> AsyncIterator[bytes]:
-        """What is still held at the end of the stream, released per choice."""
-        for index in sorted({choice for choice, _ in self._filters}):
-            choice: dict[str, Any] = {"index": index, "delta": {}, "finish_reason": None}
-            if await self._flush_choice(index, choice["delta"]):
-                document = {**self._template, "choices": [choice]}
-                document.setdefault("object", "chat.completion.chunk")
-                yield encode_sse(SseEvent(orjson.dumps(document).decode()))
-        self._filters.clear()
-
-    async def _filtered_choice(self, choice: Any) -> bool:
-        """Filter one choice's delta in place; False when nothing of it is left to send now."""
-        if not isinstance(choice, dict) or not isinstance(choice.get("index", 0), int):
-            raise _unreadable("a stream choice is not an object with an integer index")
-        index: int = choice.get("index", 0)
-        delta = choice.get("delta")
-        if not isinstance(delta, dict):
-            delta = choice["delta"] = {}
-        _only_inspected(delta)
-        choice.pop("message", None)  # a chunk carries deltas; a whole message here would go unread
-        if choice.get("logprobs") is not None:
-            choice["logprobs"] = None  # its tokens spell out the unfiltered text
-        for key in _TEXT_FIELDS:
-            if isinstance(delta.get(key), str):
-                delta[key] = await self._filter((index, key), delta[key], in_json=False)
-        calls = delta.get("tool_calls")
-        for position, call in enumerate(calls if isinstance(calls, list) else []):
-            function = call.get("function") if isinstance(call, dict) else None
-            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                number = call.get("index", position)
-                part: _Part = (index, number if isinstance(number, int) else position)
-                function["arguments"] = await self._filter(part, function["arguments"], in_json=True)
-        legacy = delta.get("function_call")
-        if isinstance(legacy, dict) and isinstance(legacy.get("arguments"), str):
-            legacy["arguments"] = await self._filter(
-                (index, "function_call"), legacy["arguments"], in_json=True
-            )
-        if choice.get("finish_reason") is not None:
-            await self._flush_choice(index, delta)
-            return True
-        return not _is_empty(choice)
-
-    async def _filter(self, part: _Part, text: str, *, in_json: bool) -> str:
-        stream = self._filters.get(part)
-        if stream is None:
-            if len(self._filters) >= MAX_STREAM_PARTS:
-                raise _unreadable(f"the stream fills more than {MAX_STREAM_PARTS} choices and tool calls")
-            stream = self._filters[part] = self._stream.fork(in_json=in_json)
-        return await stream.feed(text)
-
-    async def _flush_choice(self, index: int, delta: dict[str, Any]) -> bool:
-        """Append what the choice's filters still hold to `delta`; True when anything was added."""
-        added = False
-        for part in [p for p in self._filters if p[0] == index]:
-            rest = await self._filters.pop(part).flush()
-            if not rest:
-                continue
-            added = True
-            field_name = part[1]
-            if field_name in _TEXT_FIELDS:
-                assert isinstance(field_name, str)
-                delta[field_name] = str(delta.get(field_name) or "") + rest
-            elif field_name == "function_call":
-                legacy = delta.setdefault("function_call", {})
-                legacy["arguments"] = str(legacy.get("arguments") or "") + rest
-            else:
-                _tool_call(delta, int(field_name))["arguments"] += rest
-        return added
-
-
-def _tool_call(delta: dict[str, Any], number: int) -> dict[str, Any]:
-    """The `function` of tool call `number` in `delta` (added when the delta has none)."""
-    calls = delta.get("tool_calls")
-    if not isinstance(calls, list):
-        calls = delta["tool_calls"] = []
-    call = next((c for p, c in enumerate(calls) if isinstance(c, dict) and c.get("index", p) == number), None)
-    if call is None:
-        call = {"index": number}
-        calls.append(call)
-    function = call.get("function")
-    if not isinstance(function, dict):
-        function = call["function"] = {}
-    function["arguments"] = str(function.get("arguments") or "")
-    return function
-
-
-def _is_empty(choice: dict[str, Any]) -> bool:
-    """Whether filtering left nothing of a choice to send now (all its text held back)."""
-    delta: dict[str, Any] = choice["delta"]
-    if set(choice) - {"index", "delta", "finish_reason", "logprobs"}:
-        return False
-    for key, value in delta.items():
-        if key in _TEXT_FIELDS and value == "":
-            continue
-        if key == "tool_calls" and isinstance(value, list) and all(_held_piece(c) for c in value):
-            continue
-        if key == "function_call" and value == {"arguments": ""}:
-            continue
-        return False
-    return True
-
-
-def _held_piece(call: Any) -> bool:
-    """A tool-call piece that only carried arguments, all held back."""
-    return (
-        isinstance(call, dict)
-        and set(call) <= {"index", "function"}
-        and call.get("function") == {"arguments": ""}
-    )
-
-
-def _chunk_json(data: str) -> dict[str, Any]:
-    try:
-        document = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        raise _unreadable("a stream event is not JSON") from None
-    if not isinstance(document, dict):
-        raise _unreadable("a stream event is not a JSON object")
-    if "choices" in document and not isinstance(document["choices"], list):
-        raise _unreadable("a stream event's 'choices' is not a list")
-    return document

@@ -18,12 +18,12 @@ from ztai.detect.inspector import Inspection, Inspector, audit_findings
 from ztai.detect.vault import SESSION_HEADER, SessionVault
 from ztai.errors import MalformedRequest, PermissionDenied, UpstreamError, UpstreamResponseInvalid, ZtaiError
 from ztai.gateway import metrics
+from ztai.gateway.answer_stream import filter_sse
 from ztai.gateway.content import (
     RequestContent,
     StreamFilter,
     add_canary,
     filter_completion,
-    filter_sse,
     inspect_request,
 )
 from ztai.gateway.pipeline import (

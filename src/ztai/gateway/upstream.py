@@ -163,7 +163,8 @@ async def read_decoded(response: aiohttp.ClientResponse, upstream: Upstream) -> 
     decoder = BodyDecoder.for_response(response, upstream)
     if response.content_length is not None and response.content_length > upstream.max_response_bytes:
         raise decoder.too_large()
-    parts = [decoder.feed(chunk) async for chunk in response.content.iter_chunked(_READ_CHUNK)]
+    with _as_upstream_errors(upstream):
+        parts = [decoder.feed(chunk) async for chunk in response.content.iter_chunked(_READ_CHUNK)]
     parts.append(decoder.flush())
     return b"".join(parts)
 
