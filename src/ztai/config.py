@@ -131,6 +131,9 @@ DETECTOR_NAMES = ("injection", "pii", "secrets", "canary")
 class RouteDetectors(_Section):
     input: list[str] = ["injection", "pii", "secrets"]
     output: list[str] = ["pii", "secrets"]
+    # All the texts of one request together (messages, tool-call arguments, inputs); more is refused
+    # (413) rather than scanned: scanning costs time in proportion to the text.
+    max_input_chars: int = Field(500_000, ge=1_000, le=16_000_000)
 
     @field_validator("input", "output")
     @classmethod
@@ -196,6 +199,7 @@ class McpServerSettings(_Section):
     api_key_env: str = ""  # environment variable with a bearer token for the upstream; never the token
     timeout_seconds: float = Field(30.0, gt=0)
     max_response_bytes: int = Field(4 * 1_048_576, ge=1024, le=64 * 1_048_576)
+    max_event_bytes: int = Field(4 * 1_048_576, ge=1024, le=64 * 1_048_576)  # one SSE event of an answer
     # Results of this server's tools are trusted content (e.g. an internal, curated system). Default:
     # untrusted unless a tool says `openWorldHint: false`.
     trusted: bool = False
@@ -239,6 +243,10 @@ class UpstreamSettings(_Section):
     api_key_env: str = ""  # name of the environment variable holding the key; never the key itself
     models: list[str] = []
     timeout_seconds: float = Field(60.0, gt=0)
+    # An answer (a whole stream, or a body after decompression) over this is refused (502), as is one
+    # stream event over `max_event_bytes`.
+    max_response_bytes: int = Field(16 * 1_048_576, ge=1024, le=256 * 1_048_576)
+    max_event_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
 
     @field_validator("base_url")
     @classmethod

@@ -88,6 +88,19 @@ class UpstreamTimeout(UpstreamError):
     code = "upstream_timeout"
 
 
+class UpstreamResponseTooLarge(UpstreamError):
+    """An upstream answer (or one of its stream events, or its decompressed body) is over its bound."""
+
+    code = "upstream_response_too_large"
+
+
+class UpstreamResponseInvalid(UpstreamError):
+    """An upstream answer that cannot be inspected (unknown content encoding, not the expected format):
+    refused rather than passed on unread."""
+
+    code = "upstream_response_invalid"
+
+
 class AuditUnavailable(ZtaiError):
     """The audit record could not be made durable: fail closed."""
 

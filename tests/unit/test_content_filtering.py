@@ -13,7 +13,8 @@ from ztai.detect.canary import CanaryDetector
 from ztai.detect.inspector import Inspection, Inspector
 from ztai.detect.redact import TokenVault, redact, restore, select_spans, span_hash
 from ztai.detect.vault import SessionVault
-from ztai.gateway.content import StreamFilter, filter_completion, filter_sse, inspect_request
+from ztai.gateway.answer_stream import filter_sse
+from ztai.gateway.content import StreamFilter, filter_completion, inspect_request
 
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.]+")
 KEY = re.compile(r"sk-[A-Za-z0-9]{20,}")
@@ -72,7 +73,7 @@ async def test_request_inspection_covers_every_message_and_applies_obligations()
             {"role": "tool", "content": "customer: ana@example.org"},
         ],
     }
-    content = inspect_request(INSPECTOR, payload)
+    content = await inspect_request(INSPECTOR, payload)
     assert [s.source for s in content.inspection.scanned] == ["user", "user", "tool_output"]
     context = content.inspection.context()
     assert context["pii_types"] == ["EMAIL_ADDRESS"] and context["secret_types"] == ["OPENAI_API_KEY"]
@@ -100,7 +101,7 @@ async def test_tokenize_replaces_only_identifying_personal_data_with_the_real_de
             },
         ],
     }
-    content = inspect_request(inspector, payload)
+    content = await inspect_request(inspector, payload)
     context = content.inspection.context()
     assert "LOCATION" in context["pii_types"]
     assert context["pii_identifying_types"] == ["EMAIL_ADDRESS", "PERSON"]
@@ -251,3 +252,88 @@ async def test_a_streamed_private_key_is_held_until_its_end_line(chunk: int) -> 
     assert not any(line in out for line in key.splitlines()[1:-1])
     # What came before the key went out long before the key's end arrived.
     assert "".join(released[: len(released) // 2]) == "Here is the key:\n"
+
+
+def _chat_chunk(delta: dict[str, object], finish: str | None = None, index: int = 0) -> bytes:
+    body = {"id": "c1", "object": "chat.completion.chunk", "model": "m"}
+    body["choices"] = [{"index": index, "delta": delta, "finish_reason": finish}]
+    return b"data: " + orjson.dumps(body) + b"\r\n\r\n"
+
+
+async def _through(stream: StreamFilter, wire: list[bytes]) -> str:
+    async def upstream() -> AsyncIterator[bytes]:
+        for piece in wire:
+            yield piece
+
+    async def nothing() -> None:
+        return None
+
+    out = b"".join([chunk async for chunk in filter_sse(upstream(), stream, nothing)])
+    texts = []
+    for line in out.split(b"\n\n"):
+        if line.startswith(b"data: {"):
+            for choice in orjson.loads(line[6:])["choices"]:
+                texts.append(choice["delta"].get("content") or "")
+                for call in choice["delta"].get("tool_calls", []):
+                    texts.append(call.get("function", {}).get("arguments", ""))
+    return "".join(texts)
+
+
+async def test_a_secret_split_at_every_boundary_never_leaks() -> None:
+    """Every split point of the text into two deltas, and every split point of the wire bytes."""
+    from ztai.detect.inspector import load_detector
+
+    inspector = Inspector([], detectors=[load_detector("secrets"), load_detector("pii")])
+    secret = "ghp_" + "Zk3v9QmT2xWb7LpR4nYc8HsD1fGj6KuE5aVo"
+    text = f"use {secret} now"
+
+    def make() -> StreamFilter:
+        return StreamFilter(inspector, 64, lambda _: True, SessionVault())
+
+    for split in range(len(text) + 1):
+        wire = [_chat_chunk({"content": text[:split]}), _chat_chunk({"content": text[split:]})]
+        wire += [_chat_chunk({}, "stop"), b"data: [DONE]\r\n\r\n"]
+        assert await _through(make(), wire) == "use <GITHUB_TOKEN_1> now", split
+        calls = [
+            _chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": part}}]})
+            for part in (text[:split], text[split:])
+        ]
+        assert await _through(make(), [*calls, b"data: [DONE]\r\n\r\n"]) == "use <GITHUB_TOKEN_1> now", split
+    wire = b"".join([_chat_chunk({"content": text}), _chat_chunk({}, "stop"), b"data: [DONE]\r\n\r\n"])
+    for split in range(1, len(wire)):
+        assert await _through(make(), [wire[:split], wire[split:]]) == "use <GITHUB_TOKEN_1> now", split
+
+
+async def test_restored_values_in_tool_call_arguments_are_json_escaped() -> None:
+    vault = SessionVault()
+    placeholder = vault.tokens.placeholder_for("PERSON", 'Ana "the boss" Lopez\\')
+    arguments = orjson.dumps({"to": placeholder}).decode()
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}
+    answer = {"choices": [{"message": {"role": "assistant", "content": None, "tool_calls": [call]}}]}
+    body, _ = await filter_completion(orjson.dumps(answer), INSPECTOR, lambda _: False, vault)
+    restored = orjson.loads(body)["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+    assert orjson.loads(restored) == {"to": 'Ana "the boss" Lopez\\'}
+
+
+async def test_a_large_request_is_scanned_off_the_event_loop_and_bounded() -> None:
+    import threading
+
+    from ztai.errors import PayloadTooLarge
+    from ztai.gateway.scanning import OFF_LOOP_CHARS
+
+    threads: list[str] = []
+
+    class Recording(RegexDetector):
+        def scan(self, text: str, source: Source) -> list[Finding]:
+            threads.append(threading.current_thread().name)
+            return super().scan(text, source)
+
+    inspector = Inspector([], detectors=[Recording()])
+    await inspect_request(inspector, {"messages": [{"role": "user", "content": "short"}]})
+    big = {"messages": [{"role": "user", "content": "ana@example.org " * (OFF_LOOP_CHARS // 8)}]}
+    content = await inspect_request(inspector, big)
+    assert threads[0] == threading.current_thread().name and threads[1].startswith("ztai-inspect")
+    assert len(content.inspection.findings) == OFF_LOOP_CHARS // 8
+    with pytest.raises(PayloadTooLarge, match="at most 1000 are inspected") as refused:
+        await inspect_request(inspector, big, max_chars=1000)
+    assert refused.value.status == 413 and refused.value.code == "input_too_large"

@@ -21,7 +21,8 @@ from ztai.config import load_settings
 from ztai.errors import AuditUnavailable, ConfigError
 from ztai.gateway.app import create_app
 from ztai.gateway.mcp_messages import RpcProblem, decode_header_value, parse_message, result_text
-from ztai.gateway.mcp_upstream import McpUpstreams, SseDecoder, SseEvent, encode_sse
+from ztai.gateway.mcp_upstream import McpUpstreams
+from ztai.gateway.sse import SseDecoder
 from ztai.identity import KeyStore, Principal, issue_token
 from ztai.identity.task_tokens import act_claim
 from ztai.store import open_database
@@ -235,22 +236,6 @@ def sse_messages(response: httpx.Response) -> list[dict[str, Any]]:
 
 
 # Pure functions --------------------------------------------------------------------------------------------
-def test_sse_decoder_handles_any_chunking_comments_and_multiline_data() -> None:
-    stream = (
-        b': keep-alive\r\nevent: message\r\nid: 7\r\ndata: {"a":\r\ndata: 1}\r\n\r\nretry: 500\n\ndata: x\n\n'
-    )
-    whole = SseDecoder().feed(stream)
-    for split in range(1, len(stream)):  # every split point, including between \r and \n
-        decoder = SseDecoder()
-        assert decoder.feed(stream[:split]) + decoder.feed(stream[split:]) == whole
-    assert whole == [
-        SseEvent('{"a":\n1}', "message", "7"),
-        SseEvent("", retry=500),
-        SseEvent("x"),
-    ]
-    assert SseDecoder().feed(encode_sse(whole[0])) == [whole[0]]
-
-
 def test_messages_are_single_bounded_json_rpc_objects() -> None:
     assert parse_message(b'{"jsonrpc":"2.0","id":"a","method":"ping"}', 32)["method"] == "ping"
     cases = {

@@ -102,7 +102,7 @@ async def test_streams_are_relayed_chunk_by_chunk(provider: str) -> None:
     upstreams = Upstreams({"p": UpstreamSettings(base_url=provider, models=["m"])})
     try:
         response = await upstreams.open_stream(upstreams.for_model("m"), "/stream", b"{}")
-        chunks = [chunk async for chunk in relay(response)]
+        chunks = [chunk async for chunk in relay(response, upstreams.for_model("m"))]
     finally:
         await upstreams.close()
     assert b"".join(chunks) == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"

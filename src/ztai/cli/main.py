@@ -84,8 +84,9 @@ audit:
   commit_before_forward: false  # true: commit the audit event before the upstream sees the request
 
 detect:                    # content detectors per route; policies/content.cedar decides what findings mean
-  chat: {{input: [injection, pii, secrets], output: [pii, secrets]}}
-  embeddings: {{input: [secrets], output: []}}  # add pii to tokenize personal data in embedding inputs
+  # max_input_chars: all the texts of one request together; more is refused (413) rather than scanned
+  chat: {{input: [injection, pii, secrets], output: [pii, secrets], max_input_chars: 500000}}
+  embeddings: {{input: [secrets], output: [], max_input_chars: 500000}}  # + pii: tokenize embedding inputs
   pii:                     # which personal data is tokenized (every type is still reported and audited)
     identifying_types: [EMAIL_ADDRESS, PHONE_NUMBER, US_SSN, US_DRIVER_LICENSE, CREDIT_CARD, IBAN_CODE,
                         STREET_ADDRESS, PERSON]
@@ -97,6 +98,8 @@ upstreams:
   mock:                    # the built-in mock (`ztai mock-upstream --port 9100`)
     base_url: http://127.0.0.1:9100/v1
     models: [mock]
+    # max_response_bytes: 16777216  # an answer (decoded) or a whole stream beyond this: 502
+    # max_event_bytes: 1048576      # one stream event beyond this: refused
   # openai:
   #   base_url: https://api.openai.com/v1
   #   api_key_env: OPENAI_API_KEY   # the variable's name; the key never appears in config or logs

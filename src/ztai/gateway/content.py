@@ -4,14 +4,20 @@ Input: every message of the request (system, user, assistant, tool) is scanned; 
 `context.content` for the decision, and the decision's obligations say what to do: `redact` replaces
 secrets and personal data with placeholders, `tokenize` does the same but keeps the values (encrypted:
 for the request, or in the session's vault, ztai.detect.vault) so the caller gets them back in the
-answer. Output: the answer is scanned too, decided on again with the output's findings, and redacted per
-that decision; streamed answers are filtered incrementally with a small hold-back window, so a value
-split across chunks is still caught.
+answer. Assistant messages' tool-call arguments are scanned as what the model wrote (`model_output`),
+`tool` messages as `tool_output`. Output: the answer (text, refusals, tool-call arguments) is scanned too,
+decided on again with the output's findings, and redacted per that decision; streamed answers are
+filtered incrementally (`StreamFilter`, one per choice and tool call: ztai.gateway.answer_stream) with a
+small hold-back window, so a value split across chunks is still caught. An answer that cannot be read is
+refused, never passed on unread.
+
+Large texts are scanned and redacted off the event loop (ztai.gateway.scanning), and a request's texts
+are bounded in all (`detect.<route>.max_input_chars`, 413 beyond).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,9 +26,11 @@ import orjson
 from ztai.detect.base import Finding, Source
 from ztai.detect.canary import canary_instruction
 from ztai.detect.inspector import Inspection, Inspector, ScannedText
-from ztai.detect.redact import redact, replacements, restore
+from ztai.detect.redact import placeholders_in, redact, replacements, restore
 from ztai.detect.secrets import open_private_key
 from ztai.detect.vault import SessionVault
+from ztai.errors import PayloadTooLarge, UpstreamResponseInvalid
+from ztai.gateway.scanning import ScanTask, off_loop, scan_texts
 
 REDACTING_OBLIGATIONS = frozenset({"redact", "tokenize"})
 _ROLE_SOURCES: dict[str, Source] = {
@@ -53,6 +61,8 @@ def _text_slots(payload: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], 
                 for part in content:
                     if isinstance(part, dict) and isinstance(part.get("text"), str):
                         yield role, part, "text"
+            for container in _call_functions(message):  # what the model wrote as tool-call arguments
+                yield "assistant", container, "arguments"
     if isinstance(payload.get("input"), str):
         yield "user", payload, "input"
     elif isinstance(payload.get("input"), list):
@@ -60,6 +70,19 @@ def _text_slots(payload: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], 
         for index, item in enumerate(items):
             if isinstance(item, str):
                 yield "user", _ListSlot(items, index), "value"
+
+
+def _call_functions(message: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The `function` objects of a message's (or a stream delta's) tool calls with string arguments, and a
+    legacy `function_call`."""
+    calls = message.get("tool_calls")
+    for call in calls if isinstance(calls, list) else []:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            yield function
+    legacy = message.get("function_call")
+    if isinstance(legacy, dict) and isinstance(legacy.get("arguments"), str):
+        yield legacy
 
 
 class _ListSlot(dict[str, Any]):
@@ -95,11 +118,22 @@ class RequestContent:
         ]
         if not targets:
             return None
-        await vault.prepare(
-            item for *_, text, found in targets for item in replacements(text, found, restorable=tokenize)
+        size = sum(len(text) for _, _, text, _ in targets)
+        items = await off_loop(
+            size,
+            lambda: [
+                r for *_, text, found in targets for r in replacements(text, found, restorable=tokenize)
+            ],
         )
-        for container, key, text, found in targets:
-            container[key], _ = redact(text, found, vault.tokens, restorable=tokenize)
+        await vault.prepare(items)
+        redacted = await off_loop(
+            size,
+            lambda: [
+                redact(text, found, vault.tokens, restorable=tokenize)[0] for *_, text, found in targets
+            ],
+        )
+        for (container, key, _, _), text in zip(targets, redacted, strict=True):
+            container[key] = text
         return orjson.dumps(payload)
 
 
@@ -112,24 +146,43 @@ async def _redacted(text: str, findings: list[Finding], vault: SessionVault) -> 
     found = _replaceable(findings)
     if not found:
         return text
-    await vault.prepare(replacements(text, found))
-    return redact(text, found, vault.tokens)[0]
+    await vault.prepare(await off_loop(len(text), lambda: replacements(text, found)))
+    return await off_loop(len(text), lambda: redact(text, found, vault.tokens)[0])
 
 
-async def _restored(text: str, vault: SessionVault) -> str:
-    """`text` with the caller's own values put back in place of the vault's placeholders."""
+async def _restored(text: str, vault: SessionVault, *, in_json: bool = False) -> str:
+    """`text` with the caller's own values put back in place of the vault's placeholders; `in_json`:
+    the text is inside a JSON string (tool-call arguments), so values go back JSON-escaped."""
     await vault.load(text)
-    return restore(text, vault.tokens)
+    if not in_json:
+        return await off_loop(len(text), lambda: restore(text, vault.tokens))
+    for placeholder in placeholders_in(text):
+        value = vault.tokens.value_of(placeholder)
+        if value is not None:
+            text = text.replace(placeholder, orjson.dumps(value).decode()[1:-1])
+    return text
 
 
-def inspect_request(inspector: Inspector, payload: dict[str, Any]) -> RequestContent:
+async def inspect_request(
+    inspector: Inspector, payload: dict[str, Any], max_chars: int | None = None
+) -> RequestContent:
+    """Scan every text of the request; more than `max_chars` characters in all is refused (413)."""
+    slots = [(role, container, key) for role, container, key in _text_slots(payload) if container[key]]
+    total = sum(len(container[key]) for _, container, key in slots)
+    if max_chars is not None and total > max_chars:
+        raise PayloadTooLarge(
+            f"the request carries {total} characters of text; at most {max_chars} are inspected",
+            code="input_too_large",
+        )
+    tasks: list[ScanTask] = [
+        (container[key], message_source(role), ("injection",) if role in _TRUSTED_ROLES else ())
+        for role, container, key in slots
+    ]
     content = RequestContent(Inspection())
-    for role, container, key in _text_slots(payload):
-        text = container[key]
-        if not text:
-            continue
-        exclude = ("injection",) if role in _TRUSTED_ROLES else ()
-        scanned = ScannedText(message_source(role), text, inspector.scan(text, message_source(role), exclude))
+    for (_, container, key), (text, source, _), findings in zip(
+        slots, tasks, await scan_texts(inspector, tasks), strict=True
+    ):
+        scanned = ScannedText(source, text, findings)
         content.inspection.scanned.append(scanned)
         content.slots.append((container, key, scanned))
     return content
@@ -153,42 +206,78 @@ def add_canary(payload: dict[str, Any], token: str) -> bytes:
 
 
 # Output ------------------------------------------------------------------------------------------
-async def filter_completion(
-    body: bytes, inspector: Inspector, decide_output: Callable[[Inspection], bool], vault: SessionVault
-) -> tuple[bytes, Inspection]:
-    """Filter a non-streamed chat completion's message contents. `decide_output(inspection)` returns
-    whether to redact (and raises when the output must be refused)."""
+TEXT_FIELDS = ("content", "refusal")
+# What a filtered message (or stream delta) keeps: fields ztai inspects or that carry no model text.
+# Anything else (`reasoning_content`, `audio` transcripts, extensions) is dropped rather than passed on
+# unread.
+_MESSAGE_FIELDS = frozenset({"role", "content", "refusal", "tool_calls", "function_call", "annotations"})
+
+
+def only_inspected(message: dict[str, Any]) -> dict[str, Any]:
+    """`message` (or a stream delta) without the fields ztai does not inspect (in place)."""
+    for key in [k for k in message if k not in _MESSAGE_FIELDS]:
+        del message[key]
+    return message
+
+
+def _answer_slots(message: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str, bool]]:
+    """(container, key, in_json) for every text the model wrote in a message or a stream delta: its
+    content and refusal, and its tool calls' arguments (JSON text)."""
+    for key in TEXT_FIELDS:
+        if isinstance(message.get(key), str):
+            yield message, key, False
+    for function in _call_functions(message):
+        yield function, "arguments", True
+
+
+def unreadable(what: str) -> UpstreamResponseInvalid:
+    return UpstreamResponseInvalid(f"the upstream answer cannot be inspected: {what}")
+
+
+def _completion_choices(body: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The completion document and its choices; an answer of any other shape is refused (502)."""
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return body, Inspection()
+        raise unreadable("it is not JSON") from None
     choices = document.get("choices") if isinstance(document, dict) else None
     if not isinstance(choices, list):
-        return body, Inspection()
-    messages: list[dict[str, Any]] = [
-        c["message"] for c in choices if isinstance(c, dict) and isinstance(c.get("message"), dict)
-    ]
-    texts = [m for m in messages if isinstance(m.get("content"), str)]
-    inspection = Inspection(
-        [
-            ScannedText("model_output", m["content"], inspector.scan(m["content"], "model_output"))
-            for m in texts
-        ]
-    )
+        raise unreadable("it is not a chat completion (no 'choices' list)")
+    if not all(isinstance(c, dict) and isinstance(c.get("message"), dict) for c in choices):
+        raise unreadable("a choice carries no 'message' object")
+    return document, choices
+
+
+async def filter_completion(
+    body: bytes, inspector: Inspector, decide_output: Callable[[Inspection], bool], vault: SessionVault
+) -> tuple[bytes, Inspection]:
+    """Filter a non-streamed chat completion: every choice's content, refusal and tool-call arguments.
+    `decide_output(inspection)` returns whether to redact (and raises when the output must be refused).
+    Raises UpstreamResponseInvalid for a body that is not a chat completion."""
+    document, choices = _completion_choices(body)
+    slots = [slot for choice in choices for slot in _answer_slots(only_inspected(choice["message"]))]
+    tasks: list[ScanTask] = [(container[key], "model_output", ()) for container, key, _ in slots]
+    found = await scan_texts(inspector, tasks)
+    inspection = Inspection([ScannedText("model_output", t[0], f) for t, f in zip(tasks, found, strict=True)])
     redact_output = decide_output(inspection)
-    for message, scanned in zip(texts, inspection.scanned, strict=True):
+    for (container, key, in_json), scanned in zip(slots, inspection.scanned, strict=True):
         text = await _redacted(scanned.text, scanned.findings, vault) if redact_output else scanned.text
-        message["content"] = await _restored(text, vault)
+        container[key] = await _restored(text, vault, in_json=in_json)
+    for choice in choices:
+        if choice.get("logprobs") is not None:
+            choice["logprobs"] = None  # its tokens spell out the unfiltered text
     return orjson.dumps(document), inspection
 
 
 class StreamFilter:
-    """Filters the text deltas of an SSE chat stream with a hold-back window.
+    """Filters one text of an SSE chat stream (a choice's content, or one tool call's arguments) with a
+    hold-back window.
 
     Text is released only once it lies more than `holdback` characters behind the newest text and no
     finding overlaps the cut, so a secret split across chunks is still seen whole; a private key block
     (longer than any window) is held from its BEGIN line until its END line. The first token is delayed
-    by at most the window (or until the stream ends).
+    by at most the window (or until the stream ends). `in_json`: the text is JSON (tool-call arguments),
+    so restored values are JSON-escaped.
     """
 
     def __init__(
@@ -197,20 +286,33 @@ class StreamFilter:
         holdback: int,
         decide_output: Callable[[Inspection], bool],
         vault: SessionVault,
+        *,
+        in_json: bool = False,
     ) -> None:
         self._inspector = inspector
         self._holdback = holdback
         self._decide_output = decide_output  # True: redact; raises when the output must be refused
         self._vault = vault
+        self._in_json = in_json
         self._pending = ""
         self._holds_keys = "secrets" in inspector.names
+
+    def fork(self, *, in_json: bool) -> StreamFilter:
+        """A fresh filter with the same detectors, window, decision and vault (for another text)."""
+        return StreamFilter(
+            self._inspector, self._holdback, self._decide_output, self._vault, in_json=in_json
+        )
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
 
     async def feed(self, delta: str) -> str:
         """Add a delta; return the text that can be released now (possibly empty)."""
         self._pending += delta
         if len(self._pending) <= self._holdback:
             return ""
-        findings = self._inspector.scan(self._pending, "model_output")
+        findings = await self._scan()
         cut = len(self._pending) - self._holdback
         for finding in findings:
             if finding.start < cut < finding.end:
@@ -221,8 +323,12 @@ class StreamFilter:
         return await self._release(cut, [f for f in findings if f.end <= cut])
 
     async def flush(self) -> str:
-        findings = self._inspector.scan(self._pending, "model_output")
-        return await self._release(len(self._pending), findings)
+        if not self._pending:
+            return ""
+        return await self._release(len(self._pending), await self._scan())
+
+    async def _scan(self) -> list[Finding]:
+        return (await scan_texts(self._inspector, [(self._pending, "model_output", ())]))[0]
 
     def _safe_cut(self, cut: int) -> int:
         # Never split a vault placeholder such as <EMAIL_ADDRESS_1>: restore needs it whole.
@@ -235,83 +341,4 @@ class StreamFilter:
         text, self._pending = self._pending[:cut], self._pending[cut:]
         if findings and self._decide_output(Inspection([ScannedText("model_output", text, findings)])):
             text = await _redacted(text, findings, self._vault)
-        return await _restored(text, self._vault)
-
-
-async def filter_sse(
-    chunks: AsyncIterator[bytes], stream: StreamFilter, before_release: Callable[[], Awaitable[None]]
-) -> AsyncIterator[bytes]:
-    """Re-emit an OpenAI chat SSE stream with its content deltas passed through `stream`.
-
-    `before_release` runs before each event goes out (it makes pending audit records durable)."""
-    buffer = b""
-    template: dict[str, Any] | None = None
-    async for chunk in chunks:
-        buffer += chunk
-        while b"\n\n" in buffer:
-            event, buffer = buffer.split(b"\n\n", 1)
-            async for out in _filter_event(event, stream, template):
-                await before_release()
-                yield out
-            template = _template(event) or template
-    if buffer.strip():
-        async for out in _filter_event(buffer, stream, template):
-            await before_release()
-            yield out
-
-
-def _template(event: bytes) -> dict[str, Any] | None:
-    document = _event_json(event)
-    if document is None:
-        return None
-    return {k: v for k, v in document.items() if k != "choices"}
-
-
-def _event_json(event: bytes) -> dict[str, Any] | None:
-    line = event.strip()
-    if not line.startswith(b"data:") or line == b"data: [DONE]":
-        return None
-    try:
-        document = orjson.loads(line[5:])
-    except orjson.JSONDecodeError:
-        return None
-    return document if isinstance(document, dict) else None
-
-
-async def _filter_event(
-    event: bytes, stream: StreamFilter, template: dict[str, Any] | None
-) -> AsyncIterator[bytes]:
-    document = _event_json(event)
-    if document is None:
-        if event.strip() == b"data: [DONE]":
-            rest = await stream.flush()
-            if rest:
-                yield _content_event(template, rest)
-        yield event + b"\n\n"
-        return
-    choices = document.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        yield event + b"\n\n"
-        return
-    choice: dict[str, Any] = choices[0]
-    delta: dict[str, Any] = choice["delta"] if isinstance(choice.get("delta"), dict) else {}
-    finishing = choice.get("finish_reason") is not None
-    if isinstance(delta.get("content"), str):
-        released = await stream.feed(delta["content"])
-        if finishing:
-            released += await stream.flush()
-        delta["content"] = released
-        if not released and not finishing and set(delta) <= {"content"}:
-            return  # all of it held back for now
-    elif finishing:
-        rest = await stream.flush()
-        if rest:
-            yield _content_event(document, rest)
-    yield b"data: " + orjson.dumps(document) + b"\n\n"
-
-
-def _content_event(template: dict[str, Any] | None, text: str) -> bytes:
-    document = {k: v for k, v in (template or {}).items() if k != "choices"}
-    document.setdefault("object", "chat.completion.chunk")
-    document["choices"] = [{"index": 0, "delta": {"content": text}, "finish_reason": None}]
-    return b"data: " + orjson.dumps(document) + b"\n\n"
+        return await _restored(text, self._vault, in_json=self._in_json)

@@ -73,8 +73,6 @@ from ztai.gateway.mcp_messages import (
 from ztai.gateway.mcp_upstream import (
     McpUpstream,
     McpUpstreams,
-    SseEvent,
-    encode_sse,
     forwarded_headers,
     read_bounded,
     sse_events,
@@ -82,6 +80,7 @@ from ztai.gateway.mcp_upstream import (
 from ztai.gateway.pipeline import admit
 from ztai.gateway.responses import JSONResponse
 from ztai.gateway.runtime import Runtime
+from ztai.gateway.sse import SseEvent, encode_sse
 from ztai.identity import Principal
 
 log = logging.getLogger("ztai.gateway.mcp")

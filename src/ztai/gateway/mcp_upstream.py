@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from ztai.config import McpServerSettings
-from ztai.errors import ConfigError, UpstreamError, UpstreamTimeout
+from ztai.errors import ConfigError, UpstreamError, UpstreamResponseTooLarge, UpstreamTimeout
+from ztai.gateway.sse import SseDecoder, SseEvent
 
 # Request headers of the streamable HTTP transport that go upstream (lower case). `mcp-param-*` headers
 # (2026 revision: tool arguments mirrored for routing) go too; the server checks them against the body.
@@ -36,10 +37,6 @@ MAX_PARAM_HEADERS = 32
 _CONNECT_TIMEOUT = 5.0
 
 
-class UpstreamResponseTooLarge(UpstreamError):
-    code = "upstream_response_too_large"
-
-
 @dataclass(frozen=True)
 class McpUpstream:
     """One configured MCP server."""
@@ -48,17 +45,8 @@ class McpUpstream:
     url: str
     timeout: aiohttp.ClientTimeout
     max_response_bytes: int
+    max_event_bytes: int
     authorization: str = field(default="", repr=False)  # "Bearer <key>" or empty
-
-
-@dataclass(frozen=True)
-class SseEvent:
-    """One Server-Sent Event (only the fields MCP uses)."""
-
-    data: str
-    event: str = ""
-    id: str | None = None
-    retry: int | None = None
 
 
 class McpUpstreams:
@@ -79,7 +67,7 @@ class McpUpstreams:
                 total=server.timeout_seconds, connect=min(_CONNECT_TIMEOUT, server.timeout_seconds)
             )
             self.by_name[name] = McpUpstream(
-                name, server.url, timeout, server.max_response_bytes, authorization
+                name, server.url, timeout, server.max_response_bytes, server.max_event_bytes, authorization
             )
         self._session: aiohttp.ClientSession | None = None
 
@@ -162,7 +150,7 @@ async def sse_events(
     response: aiohttp.ClientResponse, upstream: McpUpstream
 ) -> AsyncGenerator[SseEvent, None]:
     """The events of an SSE answer as they arrive; the stream as a whole is bounded like a body."""
-    decoder = SseDecoder()
+    decoder = SseDecoder(upstream.max_event_bytes)
     size = 0
     with upstream_errors(upstream):
         async for chunk in response.content.iter_any():
@@ -171,7 +159,7 @@ async def sse_events(
                 raise _too_large(upstream)
             for event in decoder.feed(chunk):
                 yield event
-    for event in decoder.feed(b"\n\n"):  # a last event the server did not terminate
+    for event in decoder.close():  # a last event the server did not terminate
         yield event
 
 
@@ -179,68 +167,3 @@ def _too_large(upstream: McpUpstream) -> UpstreamResponseTooLarge:
     return UpstreamResponseTooLarge(
         f"MCP server {upstream.name} answered more than {upstream.max_response_bytes} bytes"
     )
-
-
-class SseDecoder:
-    """An incremental Server-Sent Events parser (WHATWG event stream format)."""
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self._data: list[str] = []
-        self._event = ""
-        self._id: str | None = None
-        self._retry: int | None = None
-
-    def feed(self, chunk: bytes) -> list[SseEvent]:
-        """The events completed by `chunk`."""
-        self._buffer += chunk
-        # A "\r" at the end may be the first half of "\r\n": keep it for the next chunk.
-        complete, held = (self._buffer[:-1], b"\r") if self._buffer.endswith(b"\r") else (self._buffer, b"")
-        lines = complete.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-        self._buffer = lines.pop() + held
-        events: list[SseEvent] = []
-        for raw in lines:
-            event = self._line(raw.decode("utf-8", errors="replace"))
-            if event is not None:
-                events.append(event)
-        return events
-
-    def _line(self, line: str) -> SseEvent | None:
-        if not line:
-            return self._dispatch()
-        if line.startswith(":"):
-            return None  # a comment (keep-alive)
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "data":
-            self._data.append(value)
-        elif name == "event":
-            self._event = value
-        elif name == "id" and "\0" not in value:
-            self._id = value
-        elif name == "retry" and value.isdigit():
-            self._retry = int(value)
-        return None
-
-    def _dispatch(self) -> SseEvent | None:
-        # Each event keeps exactly the fields it carried, so relaying it changes nothing.
-        if not self._data and self._retry is None:
-            self._event, self._id = "", None
-            return None
-        event = SseEvent("\n".join(self._data), self._event, self._id, self._retry)
-        self._data, self._event, self._id, self._retry = [], "", None, None
-        return event
-
-
-def encode_sse(event: SseEvent) -> bytes:
-    """One event in the wire format (multi-line data split over `data:` lines)."""
-    lines: list[str] = []
-    if event.event:
-        lines.append(f"event: {event.event}")
-    if event.id is not None:
-        lines.append(f"id: {event.id}")
-    if event.retry is not None:
-        lines.append(f"retry: {event.retry}")
-    if event.data or not lines:
-        lines.extend(f"data: {line}" for line in event.data.split("\n"))
-    return ("\n".join(lines) + "\n\n").encode()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+import aiohttp
 import orjson
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -15,14 +16,14 @@ from starlette.responses import Response, StreamingResponse
 from ztai.audit.events import identity_event
 from ztai.detect.inspector import Inspection, Inspector, audit_findings
 from ztai.detect.vault import SESSION_HEADER, SessionVault
-from ztai.errors import MalformedRequest, PermissionDenied, UpstreamError, ZtaiError
+from ztai.errors import MalformedRequest, PermissionDenied, UpstreamError, UpstreamResponseInvalid, ZtaiError
 from ztai.gateway import metrics
+from ztai.gateway.answer_stream import filter_sse
 from ztai.gateway.content import (
     RequestContent,
     StreamFilter,
     add_canary,
     filter_completion,
-    filter_sse,
     inspect_request,
 )
 from ztai.gateway.pipeline import (
@@ -37,10 +38,12 @@ from ztai.gateway.pipeline import (
 )
 from ztai.gateway.responses import JSONResponse
 from ztai.gateway.runtime import RouteInspectors, Runtime
-from ztai.gateway.upstream import Upstream, passed_headers, relay
+from ztai.gateway.scanning import off_loop
+from ztai.gateway.upstream import Upstream, passed_headers, read_decoded, relay
 from ztai.policy import principal_request
 
 MAX_MODEL_NAME = 256
+FINDING_COST_CHARS = 20  # hashing one finding for the audit costs about as much as scanning 20 characters
 
 
 async def chat_completions(request: Request) -> Response:
@@ -62,7 +65,7 @@ async def _model_call(request: Request, *, action: str, path: str, required: str
     vault = runtime.vault_for(principal, request.headers.get(SESSION_HEADER))  # bad header: 422
     call = Call(path, action, "Model", model, body=body, payload=payload, principal=principal)
     inspectors = runtime.inspectors.get(action)
-    content = _inspect_input(runtime, call, inspectors)
+    content = await _inspect_input(runtime, call, inspectors)
     decision = decide_call(runtime, request, call)
     if decision.allowed and content is not None:
         # Before the audit commit starts: on SQLite a session vault's transaction would otherwise queue
@@ -83,7 +86,7 @@ async def _model_call(request: Request, *, action: str, path: str, required: str
     # Nothing is answered before the decision is durable. If the commit fails, its AuditUnavailable (503)
     # replaces whatever the upstream said: fail closed.
     try:
-        response = await _forward(runtime, upstream, path, body, payload.get("stream") is True, output)
+        response = await _forward(runtime, upstream, call, body, payload.get("stream") is True, output)
     except ZtaiError:
         await recording
         raise
@@ -97,45 +100,105 @@ async def _model_call(request: Request, *, action: str, path: str, required: str
     return response
 
 
-def _inspect_input(runtime: Runtime, call: Call, inspectors: RouteInspectors | None) -> RequestContent | None:
+async def _inspect_input(
+    runtime: Runtime, call: Call, inspectors: RouteInspectors | None
+) -> RequestContent | None:
     if inspectors is None or inspectors.input is None:
         return None
     stage = time.perf_counter()
-    content = inspect_request(inspectors.input, call.payload)
+    content = await inspect_request(inspectors.input, call.payload, inspectors.max_input_chars)
     call.content = content.inspection.context()
-    call.findings = audit_findings(content.inspection, runtime.finding_key)
+    # One keyed hash per finding: thousands of them (a pasted address list) are hashed off the loop.
+    findings = content.inspection.findings
+    call.findings = await off_loop(
+        len(findings) * FINDING_COST_CHARS, lambda: audit_findings(content.inspection, runtime.finding_key)
+    )
     metrics.STAGE["inspect"].observe(time.perf_counter() - stage)
     return content
 
 
 async def _forward(
-    runtime: Runtime, upstream: Upstream, path: str, body: bytes, stream: bool, output: _OutputGuard
+    runtime: Runtime, upstream: Upstream, call: Call, body: bytes, stream: bool, output: _OutputGuard
 ) -> Response:
     stage = time.perf_counter()
     try:
         if stream:
-            streamed = await runtime.upstreams.open_stream(upstream, path, body)
+            streamed = await runtime.upstreams.open_stream(upstream, call.route, body)
             metrics.STAGE["upstream"].observe(time.perf_counter() - stage)
-            chunks = relay(streamed)
-            if output.active and streamed.status == 200:
-                chunks = output.filter_stream(chunks)
-            return StreamingResponse(
-                chunks,
-                status_code=streamed.status,
-                headers=passed_headers(streamed),
-                background=BackgroundTask(streamed.release),
-            )
-        result = await runtime.upstreams.post(upstream, path, body)
+            return await _streamed_response(upstream, call, streamed, output)
+        result = await runtime.upstreams.post(upstream, call.route, body)
+        metrics.STAGE["upstream"].observe(time.perf_counter() - stage)
+        return await _answer(call, result.status, result.headers, result.body, output)
     except UpstreamError:
         metrics.UPSTREAM_ERRORS.labels(upstream.name).inc()
         raise
-    metrics.STAGE["upstream"].observe(time.perf_counter() - stage)
-    content = result.body
-    if output.active and result.status == 200:
-        content = await output.filter_completion(content)
+
+
+async def _answer(
+    call: Call, status: int, headers: dict[str, str], content: bytes, output: _OutputGuard
+) -> Response:
+    """A whole (decoded) answer, filtered when it is a success; one that cannot be read is refused."""
+    if status == 200:
+        if call.action == "chat":
+            content = await output.filter_completion(content)
+        elif not isinstance(_json_or_none(content), dict):
+            raise UpstreamResponseInvalid("the upstream answer cannot be inspected: it is not a JSON object")
     # Provider-side failures are reported as a bad gateway; client errors (4xx) pass through as they are.
-    headers = {k: v for k, v in result.headers.items() if k != "content-length"}
-    return Response(content, status_code=result.status if result.status < 500 else 502, headers=headers)
+    return Response(content, status_code=status if status < 500 else 502, headers=headers)
+
+
+async def _streamed_response(
+    upstream: Upstream, call: Call, streamed: aiohttp.ClientResponse, output: _OutputGuard
+) -> Response:
+    headers = passed_headers(streamed)
+    content_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+    if streamed.status != 200 or content_type != "text/event-stream":
+        # An error, or an upstream that answered a stream request with one whole body: read and check it.
+        try:
+            body = await read_decoded(streamed, upstream)
+        finally:
+            streamed.release()
+        return await _answer(call, streamed.status, headers, body, output)
+    chunks: AsyncGenerator[bytes, None] = relay(streamed, upstream)
+    if output.active:
+        chunks = output.filter_stream(chunks, upstream.max_event_bytes)
+    try:
+        # Up to the first event that goes out: a failure before it is a plain error response (502, 403).
+        first = await anext(chunks, b"")
+    except BaseException:
+        await chunks.aclose()
+        streamed.release()  # the inner reader may not have reached its own release
+        raise
+    return StreamingResponse(
+        _sse_errors(first, chunks),
+        status_code=200,
+        headers=headers,
+        background=BackgroundTask(streamed.release),
+    )
+
+
+async def _sse_errors(first: bytes, chunks: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
+    """The stream after its first event; a failure once the headers are out ends it with an SSE error
+    event the SDKs surface (OpenAI error shape)."""
+    try:
+        if first:
+            yield first
+        async for chunk in chunks:
+            yield chunk
+    except ZtaiError as failed:
+        error: dict[str, Any] = {"message": failed.message, "type": failed.type, "code": failed.code}
+        if isinstance(failed, PermissionDenied):
+            error["decision_id"] = failed.decision_id
+        yield b"data: " + orjson.dumps({"error": error}) + b"\n\n"
+    finally:
+        await chunks.aclose()
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
 
 
 class _OutputGuard:
@@ -188,22 +251,17 @@ class _OutputGuard:
             await self.flush_audit()  # durable before the answer (or the refusal) goes out
         return filtered
 
-    async def filter_stream(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async def filter_stream(
+        self, chunks: AsyncIterator[bytes], max_event_bytes: int
+    ) -> AsyncGenerator[bytes, None]:
+        """The filtered stream; a refusal (PermissionDenied) is raised once its audit record is durable."""
         stream = StreamFilter(self._inspector or _NO_DETECTORS, self._holdback, self.decide, self._vault)
         try:
-            async for event in filter_sse(chunks, stream, self.flush_audit):
+            async for event in filter_sse(chunks, stream, self.flush_audit, max_event_bytes):
                 yield event
-        except PermissionDenied as refused:
+        except PermissionDenied:
             await self.flush_audit()
-            error = {
-                "error": {
-                    "message": refused.message,
-                    "type": refused.type,
-                    "code": refused.code,
-                    "decision_id": refused.decision_id,
-                }
-            }
-            yield b"data: " + orjson.dumps(error) + b"\n\n"
+            raise
 
 
 _NO_DETECTORS = Inspector([])

@@ -21,6 +21,7 @@ from ztai.detect.inspector import Inspector, load_detector
 from ztai.detect.vault import SessionVault, VaultKeys, session_name
 from ztai.detect.vault_store import SqlVaultStore
 from ztai.errors import PolicyError, ZtaiError
+from ztai.gateway import scanning
 from ztai.gateway.upstream import Upstreams
 from ztai.identity import KeyStore, RevocationList, TokenVerifier
 from ztai.identity.revocation import RevocationFeed
@@ -37,6 +38,7 @@ class RouteInspectors:
     input: Inspector | None
     output: Inspector | None
     holdback: int
+    max_input_chars: int  # all the texts of one request together; more is refused (413)
 
 
 def _route_inspectors(settings: Settings, canaries: CanaryDetector | None) -> dict[str, RouteInspectors]:
@@ -60,7 +62,12 @@ def _route_inspectors(settings: Settings, canaries: CanaryDetector | None) -> di
         return found
 
     return {
-        action: RouteInspectors(inspector(route.input), inspector(route.output), detect.stream_holdback_chars)
+        action: RouteInspectors(
+            inspector(route.input),
+            inspector(route.output),
+            detect.stream_holdback_chars,
+            route.max_input_chars,
+        )
         for action, route in routes.items()
     }
 
@@ -170,6 +177,19 @@ class Runtime:
 
     async def start(self) -> None:
         self.audit.start()
+        scanning.prefer_event_loop()
+        # The scanning worker loads its detectors now, not during the first large request.
+        scanning.warm(
+            sorted(
+                {
+                    d.name
+                    for r in self.inspectors.values()
+                    for i in (r.input, r.output)
+                    if i
+                    for d in i.detectors
+                }
+            )
+        )
         self._refresher = asyncio.create_task(self._refresh_revocations())
         if self.vault_store is not None:
             self._vault_purger = asyncio.create_task(self._purge_vaults(self.vault_store))
