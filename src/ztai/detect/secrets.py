@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ztai.detect.base import Finding, Source
+from ztai.detect.secret_rules import load_rules, read_rule_file
 
 __all__ = ["SECRET_TYPES", "SecretsDetector"]
 
@@ -700,7 +701,7 @@ class _Candidate:
     type: str
     rule: str
     score: float
-    priority: int  # 0 structured, 1 assignment, 2 entropy; lower wins on overlap
+    priority: int  # 0 keys/JWT, 1 vendored rule, 2 ztai's formats, 3 assignment, 4 entropy; lower wins
 
 
 def _line_bounds(text: str, pos: int) -> tuple[int, int]:
@@ -879,9 +880,15 @@ def _high_entropy(value: str) -> bool:
 # ---------------------------------------------------------------------------------------------------
 
 
+_CONFIDENCE_SCORE = {"high": 1.0, "medium": 0.9, "low": 0.7}
+
 # every finding type this detector reports
 SECRET_TYPES: tuple[str, ...] = tuple(
-    sorted({rule.type for rule in _TOKEN_RULES} | {"PASSWORD_ASSIGNMENT", "HIGH_ENTROPY_STRING"})
+    sorted(
+        {rule.type for rule in _TOKEN_RULES}
+        | {str(entry["type"]) for entry in read_rule_file()["rules"]}
+        | {"PASSWORD_ASSIGNMENT", "HIGH_ENTROPY_STRING"}
+    )
 )
 
 
@@ -904,6 +911,7 @@ class SecretsDetector:
         lowered = text.lower()
         candidates: list[_Candidate] = []
         self._structured(text, lowered, candidates)
+        self._vendored(text, candidates)
         self._keywords(text, lowered, candidates)
         return self._resolve(text, candidates)
 
@@ -935,7 +943,25 @@ class SecretsDetector:
                 score = rule.score
                 if _is_placeholder_token(value):
                     score = min(score, _PLACEHOLDER_SCORE)
-                out.append(_Candidate(start, end, rule.type, rule.rule, score, 0))
+                priority = 0 if rule.type == "JWT" else 2  # vendored rules win over ztai's own formats
+                out.append(_Candidate(start, end, rule.type, rule.rule, score, priority))
+
+    # -- vendored provider rules -----------------------------------------------------------------
+
+    @staticmethod
+    def _vendored(text: str, out: list[_Candidate]) -> None:
+        data = text.encode("utf-8", "surrogatepass")
+        ascii_text = len(data) == len(text)
+        for match in load_rules().matches(data):
+            start, end = match.start, match.end
+            if not ascii_text:  # byte offsets -> str offsets
+                start = len(data[:start].decode("utf-8", "ignore"))
+                end = start + len(data[match.start : match.end].decode("utf-8", "ignore"))
+            value = text[start:end]
+            score = _CONFIDENCE_SCORE.get(match.rule.confidence, 0.9)
+            if _is_placeholder_token(value):
+                score = min(score, _PLACEHOLDER_SCORE)
+            out.append(_Candidate(start, end, match.rule.type, match.rule.id, score, 1))
 
     # -- layers 2 and 3 ---------------------------------------------------------------------------
 
@@ -981,7 +1007,7 @@ class SecretsDetector:
                 if score > 0.0:
                     kind = "HIGH_ENTROPY_STRING" if cls == _WEAK_CLASS else "PASSWORD_ASSIGNMENT"
                     rule = "keyword-entropy" if cls == _WEAK_CLASS else "keyword-assignment"
-                    out.append(_Candidate(vs, ve, kind, rule, score, 1))
+                    out.append(_Candidate(vs, ve, kind, rule, score, 3))
                     continue
             # no literal bound to the key: a high-entropy string shortly after a token or password name
             if cls == _WEAK_CLASS or _NOT_SECRET_CONTEXT.search(text, s, e):
@@ -998,7 +1024,7 @@ class SecretsDetector:
             if text.endswith("base64,", max(0, m.start() - 8), m.start()) or text.startswith("://", m.end()):
                 continue
             if _high_entropy(m.group(0)):
-                out.append(_Candidate(m.start(), m.end(), "HIGH_ENTROPY_STRING", "keyword-entropy", 0.5, 2))
+                out.append(_Candidate(m.start(), m.end(), "HIGH_ENTROPY_STRING", "keyword-entropy", 0.5, 4))
 
     # -- overlaps and output ------------------------------------------------------------------------
 
