@@ -41,7 +41,6 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from refresh_secret_rules import type_name  # noqa: E402
-
 from ztai.detect.base import Finding  # noqa: E402
 from ztai.detect.secrets import SecretsDetector  # noqa: E402
 
@@ -102,10 +101,7 @@ def rule_fired(row: dict[str, Any], findings: list[Finding]) -> bool:
     """Whether the row's own rule (not just any rule) produced a finding."""
     rule_id = str(row.get("rule_id", ""))
     kinds = {type_name(rule_id, str(row.get("type", ""))), type_name("", str(row.get("type", "")))}
-    for f in findings:
-        if f.evidence.split(":", 1)[0] == rule_id or f.type in kinds:
-            return True
-    return False
+    return any(f.evidence.split(":", 1)[0] == rule_id or f.type in kinds for f in findings)
 
 
 def eval_folder(

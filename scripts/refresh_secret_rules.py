@@ -10,9 +10,10 @@ vendored from upstream rule sets (both Apache-2.0, see NOTICE):
   or that directory.
 
 Several sources may be given; the first to define a rule id wins. Upstream patterns are Rust regex /
-Hyperscan syntax; they are translated for RE2 and Hyperscan here (extended mode `(?x)` folded: blanks
-and `# comments` removed; `(?<name>` written `(?P<name>`), then compiled with both engines. A rule that
-fails either is left out and listed under `skipped` with the reason. Output is deterministic (rules
+Hyperscan syntax; they are translated for RE2 here (extended mode `(?x)` folded: blanks, `# comments`
+and `(?# comments)` removed; `(?<name>` written `(?P<name>`; counts over RE2's 1,000 capped, open
+counts `{n,}` bounded at 256), then compiled. A rule RE2 rejects is left out and listed under `skipped`
+with the reason. Output is deterministic (rules
 sorted by id, stable JSON), so a refresh from the same sources gives the same file.
 
     python scripts/refresh_secret_rules.py SOURCE [SOURCE ...] [--upstream "mongodb/kingfisher@v1.112.0"]
@@ -60,6 +61,18 @@ TYPE_BY_PREFIX: tuple[tuple[str, str], ...] = (
     ("azure.6", "AZURE_CLIENT_SECRET"),
     ("google.7", "GCP_API_KEY"),
     ("gcp.1", "GCP_API_KEY"),
+    ("google.2", "GCP_OAUTH_SECRET"),
+    ("google.3", "GCP_OAUTH_SECRET"),
+    ("azurestorage.", "AZURE_STORAGE_KEY"),
+    ("azure.1", "AZURE_CONNECTION_STRING"),
+    ("azure.notificationhub.4", "AZURE_CONNECTION_STRING"),
+    ("azuresastoken.", "AZURE_SAS_TOKEN"),
+    ("twilio.2", "TWILIO_KEY"),
+    ("telegram.", "TELEGRAM_TOKEN"),
+    ("artifactory.", "ARTIFACTORY_TOKEN"),
+    ("ibm.1", "IBM_CLOUD_IAM_KEY"),
+    ("square.", "SQUARE_KEY"),
+    ("http.", "AUTHORIZATION_HEADER"),
 )
 
 
@@ -81,7 +94,7 @@ _FLAG_GROUP = re.compile(r"\(\?([a-zA-Z]*)(?:-([a-zA-Z]*))?([:)])")
 
 
 def translate(pattern: str) -> str:
-    """Rust/Hyperscan regex -> one pattern both RE2 and Hyperscan read (no extended mode)."""
+    """Rust/Hyperscan regex -> the same pattern in RE2 syntax (no extended mode)."""
     out: list[str] = []
     i, n = 0, len(pattern)
     extended = False
@@ -155,11 +168,18 @@ def translate(pattern: str) -> str:
                 continue
         out.append(ch)
         i += 1
-    return _REPEAT.sub(_clamp_repeat, "".join(out))
+    return _OPEN_REPEAT.sub(_bound_repeat, _REPEAT.sub(_clamp_repeat, "".join(out)))
 
 
 _REPEAT = re.compile(r"(?<!\\)\{(\d+),(\d+)\}")
+_OPEN_REPEAT = re.compile(r"(?<!\\)\{(\d+),\}")
 RE2_MAX_REPEAT = 1000
+OPEN_REPEAT_MAX = 256  # `x{10,}` becomes `x{10,256}`: a match cannot span a megabyte of `x`
+
+
+def _bound_repeat(m: re.Match[str]) -> str:
+    low = int(m.group(1))
+    return f"{{{low},{max(low, OPEN_REPEAT_MAX)}}}"
 
 
 def _clamp_repeat(m: re.Match[str]) -> str:
@@ -170,24 +190,14 @@ def _clamp_repeat(m: re.Match[str]) -> str:
     return f"{{{low},{RE2_MAX_REPEAT}}}"
 
 
-def check_engines(pattern: str) -> str | None:
-    """Why the pattern cannot be used (None: it compiles with RE2 and Hyperscan)."""
-    import hyperscan
+def check_engine(pattern: str) -> str | None:
+    """Why RE2 cannot use the pattern (None: it compiles)."""
     import re2
 
     try:
         re2.compile(pattern)
-    except Exception as exc:  # re2.error and ValueError
+    except Exception as exc:  # re2.error, ValueError
         return f"re2: {str(exc).splitlines()[0][:160]}"
-    db = hyperscan.Database()
-    try:
-        db.compile(
-            expressions=[pattern.encode()],
-            ids=[0],
-            flags=[hyperscan.HS_FLAG_PREFILTER | hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_UTF8],
-        )
-    except hyperscan.error as exc:
-        return f"hyperscan: {str(exc)[:160]}"
     return None
 
 
@@ -247,7 +257,7 @@ def build(sources: list[Path], upstream: str) -> dict[str, Any]:
             if rule_id in rules or any(s["id"] == rule_id for s in skipped):
                 continue
             pattern = translate(str(raw["pattern"]))
-            reason = check_engines(pattern)
+            reason = check_engine(pattern)
             if reason is not None:
                 skipped.append({"id": rule_id, "name": str(raw.get("name", "")), "reason": reason})
                 continue

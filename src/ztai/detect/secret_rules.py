@@ -9,7 +9,7 @@ Matching uses RE2 (`google-re2`), which runs in time linear in the text for ever
 can backtrack catastrophically, whatever the input. All rules sit in one `re2.Filter` (RE2's
 FilteredRE2): a single pass finds the literal atoms each rule requires, so only rules whose atoms occur
 are searched; the few rules without a usable atom are screened together by one `re2.Set` pass. The
-secret's span is the rule's capture group (named `TOKEN`/`token`/`secret`, else the first group), so
+secret's span is the rule's capture group (named `TOKEN`/`token`/`secret`, else the groups), so
 redaction replaces the value, not the whole `KEY=value` line.
 """
 
@@ -29,6 +29,10 @@ __all__ = ["RuleMatch", "RuleSet", "SecretRule", "load_rules"]
 # rules upstream marks hidden (identifiers a validator pairs with a secret: client ids, URLs, tenant
 # ids) are not reported, except these, which are credentials on their own in ztai's view
 _REPORTED_HIDDEN = frozenset({"kingfisher.aws.1"})
+# and not reported although upstream shows them: public by design (Stripe publishable keys) or one-way
+# password hashes (bcrypt, crypt), which are not credentials
+_NOT_SECRETS = frozenset({"kingfisher.stripe.1", "kingfisher.azure.1"})  # azure.1 captures the account name
+_NOT_SECRET_PREFIXES = ("kingfisher.pwhash.",)
 _SECRET_GROUPS = ("TOKEN", "token", "secret", "SECRET")
 _MAX_MEM = 64 << 20  # RE2 memory budget per compiled pattern set
 
@@ -43,7 +47,7 @@ class SecretRule:
     examples: tuple[str, ...]
     negative_examples: tuple[str, ...]
     regex: Any  # re2._Regexp (untyped library)
-    group: int  # capture group holding the secret (0: the whole match)
+    group: int  # capture group holding the secret (0: the whole match, -1: all groups together)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +68,7 @@ def _secret_group(regex: Any) -> int:
     for name in _SECRET_GROUPS:
         if name in names:
             return int(names[name])
-    return 1 if regex.groups >= 1 else 0
+    return -1 if regex.groups >= 1 else 0  # -1: from the first group's start to the last group's end
 
 
 class RuleSet:
@@ -102,11 +106,24 @@ class RuleSet:
         for index in self.candidates(data):
             rule = self.rules[index]
             for m in rule.regex.finditer(data):
-                start, end = m.span(rule.group)
+                start, end = _secret_span(m, rule.group, rule.regex.groups)
                 if start < 0:  # the secret group did not take part: fall back to the match
                     start, end = m.span()
                 if end > start:
                     yield RuleMatch(rule, start, end)
+
+
+def _secret_span(m: Any, group: int, groups: int) -> tuple[int, int]:
+    """A named secret group's span; else from the first to the last group that took part, so
+    `(user)…(password)` rules (netrc, psexec) cover the password, and a token's inner group stays inside."""
+    if group >= 0:
+        span: tuple[int, int] = m.span(group)
+        return span
+    spans = [m.span(g) for g in range(1, groups + 1)]
+    taken = [s for s in spans if s[0] >= 0]
+    if not taken:
+        return -1, -1
+    return min(s[0] for s in taken), max(s[1] for s in taken)
 
 
 def _rule(entry: dict[str, Any], options: Any) -> SecretRule:
@@ -139,6 +156,8 @@ def load_rules() -> RuleSet:
     rules = [
         _rule(entry, options)
         for entry in doc["rules"]
-        if entry.get("visible", True) or entry["id"] in _REPORTED_HIDDEN
+        if (entry.get("visible", True) or entry["id"] in _REPORTED_HIDDEN)
+        and entry["id"] not in _NOT_SECRETS
+        and not entry["id"].startswith(_NOT_SECRET_PREFIXES)
     ]
     return RuleSet(rules, str(doc.get("upstream", "")))

@@ -1,6 +1,12 @@
 """Secrets detector: credentials, keys and tokens in prompts, documents, tool results and model output.
 
-Three layers, strongest first; where findings overlap the stronger one wins:
+Provider formats come first from the rules vendored from kingfisher (`ztai.detect.secret_rules`,
+~900 rules run by RE2; the finding's span is the rule's capture group). ztai's own layers below add what
+a rule table cannot: private key blocks up to their END line (`open_private_key` for streams), JWTs
+whose parts decode, URL passwords and Authorization headers cut to the secret, ztai's earlier provider
+formats where kingfisher has none, and the generic context and entropy checks. Where findings overlap,
+the stronger wins (keys, JWTs, URL/header credentials; then vendored rules; then ztai's formats; then
+assignments; then entropy):
 
 1. **Structured tokens** — provider formats with a fixed prefix or shape (AWS `AKIA…`, GitHub `ghp_…`,
    GitLab `glpat-…`, Slack `xox?-…` and webhooks, Stripe `sk_live_…`, OpenAI `sk-…T3BlbkFJ…`, Anthropic
@@ -880,7 +886,10 @@ def _high_entropy(value: str) -> bool:
 # ---------------------------------------------------------------------------------------------------
 
 
-_CONFIDENCE_SCORE = {"high": 1.0, "medium": 0.9, "low": 0.7}
+_CONFIDENCE_SCORE = {"high": 1.0, "medium": 1.0, "low": 0.7}
+# ztai's own rules that win over an overlapping vendored rule: they validate the value (JWT, PEM) or
+# cut the span to the secret itself (the password of a URL, the credential of an Authorization header)
+_OWN_FIRST = frozenset({"JWT", "BASIC_AUTH_URL", "AUTHORIZATION_HEADER", "AZURE_SAS_TOKEN", "SLACK_WEBHOOK"})
 
 # every finding type this detector reports
 SECRET_TYPES: tuple[str, ...] = tuple(
@@ -943,7 +952,7 @@ class SecretsDetector:
                 score = rule.score
                 if _is_placeholder_token(value):
                     score = min(score, _PLACEHOLDER_SCORE)
-                priority = 0 if rule.type == "JWT" else 2  # vendored rules win over ztai's own formats
+                priority = 0 if rule.type in _OWN_FIRST else 2  # else vendored rules win over ztai's
                 out.append(_Candidate(start, end, rule.type, rule.rule, score, priority))
 
     # -- vendored provider rules -----------------------------------------------------------------
