@@ -495,3 +495,25 @@ def test_adversarial_inputs_finish_fast(detector: SecretsDetector, text: str) ->
     started = time.perf_counter()
     detector.scan(text, "document")
     assert time.perf_counter() - started < 2.0
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'headers = {"Authorization": f"Bearer {API_KEY}"}',
+        'To run `Trio`, pass `backend="trio"`.',
+        "Always pass `--endpoint-url` when targeting R2.",
+        '"key_competencies": ["planning", "review"]',
+        "**What Changed:** ${key_improvements}",
+    ],
+)
+def test_benign_prompt_and_doc_phrases_are_not_secrets(detector: SecretsDetector, text: str) -> None:
+    assert detector.scan(text, "document") == []
+
+
+def test_multi_group_rule_span_covers_the_password(detector: SecretsDetector) -> None:
+    password = rand(12, ALNUM, 901)
+    text = f"machine build.internal login deployer password {password}\n"
+    findings = detector.scan(text, "document")
+    assert findings and any(f.start <= text.index(password) and f.end >= len(text) - 1 for f in findings)
+    assert all(password not in f.evidence for f in findings)

@@ -29,9 +29,10 @@ __all__ = ["RuleMatch", "RuleSet", "SecretRule", "load_rules"]
 # rules upstream marks hidden (identifiers a validator pairs with a secret: client ids, URLs, tenant
 # ids) are not reported, except these, which are credentials on their own in ztai's view
 _REPORTED_HIDDEN = frozenset({"kingfisher.aws.1"})
-# and not reported although upstream shows them: public by design (Stripe publishable keys) or one-way
-# password hashes (bcrypt, crypt), which are not credentials
-_NOT_SECRETS = frozenset({"kingfisher.stripe.1", "kingfisher.azure.1"})  # azure.1 captures the account name
+# and not reported although upstream shows them: public by design (Stripe publishable keys), one-way
+# password hashes (bcrypt, crypt), which are not credentials, a rule capturing the account name rather
+# than the key (azure.1), and plain JWTs (ztai's own JWT rule reports them once header and payload decode)
+_NOT_SECRETS = frozenset({"kingfisher.stripe.1", "kingfisher.azure.1", "kingfisher.jwt.1"})
 _NOT_SECRET_PREFIXES = ("kingfisher.pwhash.",)
 _SECRET_GROUPS = ("TOKEN", "token", "secret", "SECRET")
 _MAX_MEM = 64 << 20  # RE2 memory budget per compiled pattern set
