@@ -8,14 +8,16 @@ formats where kingfisher has none, and the generic context and entropy checks. W
 the stronger wins (keys, JWTs, URL/header credentials; then vendored rules; then ztai's formats; then
 assignments; then entropy):
 
-1. **Structured tokens** — provider formats with a fixed prefix or shape (AWS `AKIA…`, GitHub `ghp_…`,
-   GitLab `glpat-…`, Slack `xox?-…` and webhooks, Stripe `sk_live_…`, OpenAI `sk-…T3BlbkFJ…`, Anthropic
-   `sk-ant-…`, SendGrid, npm, PyPI, Square, Google `AIza…`, Azure storage/Service Bus keys, SAS
-   signatures and client secrets, PEM/OpenSSH/SSH2/PuTTY private keys, JWTs whose header and payload
-   decode to JSON, passwords in URLs, `Authorization: Basic|Bearer` headers…). Score 0.6 to 1.0. A
-   structurally valid token whose body looks like a placeholder (`AKIAXXXXXXXXXXXXXXXX`, `…EXAMPLE…`,
-   `user:password@`, a lone `BEGIN … PRIVATE KEY` line) is still reported, at score 0.4, so a policy can
-   tell documentation examples from live keys (`SecretsDetector(min_score=0.5)` drops them).
+1. **Structured tokens** — the vendored rules (AWS, GitHub, GitLab, Slack, Stripe, OpenAI, Anthropic,
+   Google, Azure… ~900 formats; score 1.0, 0.7 for upstream "low" confidence) and ztai's own: PEM/
+   OpenSSH/SSH2/PuTTY private keys, JWTs whose header and payload decode to JSON, passwords in URLs,
+   `Authorization: Basic|Bearer` headers, Azure SAS signatures, Slack webhooks, and the formats
+   kingfisher lacks (GitHub fine-grained PATs, GitLab's newer prefixes, OpenAI project keys, Twilio,
+   Mailchimp, npm/.npmrc, Discord, Artifactory, IBM COS, SoftLayer, GCP key ids, Stripe test keys).
+   A token whose body looks like a placeholder (`AKIAXXXXXXXXXXXXXXXX`, `…EXAMPLE…`, `user:password@`,
+   a lone `BEGIN … PRIVATE KEY` line, a plain word) is still reported, at score 0.4, so a policy can
+   tell documentation examples from live keys (`SecretsDetector(min_score=0.5)` drops them); a vendored
+   rule's capture that is a template or a snake_case identifier is dropped.
 2. **Credential assignments** — a credential-named key (`password`, `db_pass`, `client_secret`,
    `api_key`, `authToken`, `--softlayer-api-key`, `пароль`…) bound to a literal in code, config or prose:
    `k = "v"`, `k: v`, `k := v`, `k => "v"`, `"k": "v"`, `k: str = "v"`, `k("v")`, `k == "v"`,
@@ -29,7 +31,8 @@ assignments; then entropy):
    whose Shannon entropy is high for its length and alphabet (hashes, UUIDs and `data:` URIs are not
    secrets). Score 0.5.
 
-`source` does not change the rules. Work is linear in the text: every regex has bounded repetition, the
+`source` does not change the rules. Work is linear in the text: vendored rules run under RE2, ztai's
+regexes have bounded repetition, the
 keyword layer reads a bounded window per key name and never re-reads text an earlier key consumed, and
 values are capped at `_MAX_VALUE` characters. Evidence holds the rule name and a masked preview (at most
 a fifth of the value, 4 characters each end) — never the value.
