@@ -13,7 +13,8 @@ assignments; then entropy):
    OpenSSH/SSH2/PuTTY private keys, JWTs whose header and payload decode to JSON, passwords in URLs,
    `Authorization: Basic|Bearer` headers, Azure SAS signatures, Slack webhooks, and the formats
    kingfisher lacks (GitHub fine-grained PATs, GitLab's newer prefixes, OpenAI project keys, Twilio,
-   Mailchimp, npm/.npmrc, Discord, Artifactory, IBM COS, SoftLayer, GCP key ids, Stripe test keys).
+   Mailchimp, npm/.npmrc, Discord, Artifactory, IBM COS, SoftLayer, GCP key ids, Stripe test keys, AWS
+   `ABIA`/`ACCA` key ids, TestPyPI tokens, bare Telegram bot tokens).
    A token whose body looks like a placeholder (`AKIAXXXXXXXXXXXXXXXX`, `…EXAMPLE…`, `user:password@`,
    a lone `BEGIN … PRIVATE KEY` line, a plain word) is still reported, at score 0.4, so a policy can
    tell documentation examples from live keys (`SecretsDetector(min_score=0.5)` drops them); a vendored
@@ -386,6 +387,27 @@ _TOKEN_RULES: tuple[_TokenRule, ...] = (
         ("softlayer", "sl_", "sl-", "slapi", "slkey", "slpwd", "slpass"),
         0.9,
         flags=_AI,
+    ),
+    _rule(
+        "aws-access-key-id",
+        "AWS_ACCESS_KEY",
+        r"(?<![A-Za-z0-9])(?P<v>(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{16})(?![A-Za-z0-9])",
+        ("AKIA", "ASIA", "ABIA", "ACCA", "A3T"),
+        1.0,
+    ),
+    _rule(
+        "pypi-token",
+        "PYPI_TOKEN",
+        _B + rf"(?P<v>pypi-(?:AgEIcHlwaS5vcmc|AgENdGVzdC5weXBpLm9yZw){_TOK}{{70,1000}})" + _E,
+        ("pypi-",),
+        1.0,
+    ),
+    _rule(
+        "telegram-bot-token",
+        "TELEGRAM_TOKEN",
+        r"(?:(?<=/bot)|(?<![A-Za-z0-9_:]))(?P<v>[0-9]{8,10}:AA[0-9A-Za-z_\-]{33})" + _E,
+        (":AA",),
+        0.9,
     ),
     _rule(
         "password-in-url",
@@ -796,8 +818,10 @@ class SecretsDetector:
     name = "secrets"
 
     def __init__(self, min_score: float = 0.0) -> None:
-        """`min_score` drops findings below it (0.5 drops placeholder-looking tokens)."""
+        """`min_score` drops findings below it (0.5 drops placeholder-looking tokens). The vendored rules
+        are compiled here (once per process, ~1 s), not on the first request."""
         self.min_score = min_score
+        load_rules()
 
     def scan(self, text: str, source: Source) -> list[Finding]:
         if not text:
