@@ -1,15 +1,24 @@
 """Secrets detector: credentials, keys and tokens in prompts, documents, tool results and model output.
 
-Three layers, strongest first; where findings overlap the stronger one wins:
+Provider formats come first from the rules vendored from kingfisher (`ztai.detect.secret_rules`,
+~900 rules run by RE2; the finding's span is the rule's capture group). ztai's own layers below add what
+a rule table cannot: private key blocks up to their END line (`open_private_key` for streams), JWTs
+whose parts decode, URL passwords and Authorization headers cut to the secret, ztai's earlier provider
+formats where kingfisher has none, and the generic context and entropy checks. Where findings overlap,
+the stronger wins (keys, JWTs, URL/header credentials; then vendored rules; then ztai's formats; then
+assignments; then entropy):
 
-1. **Structured tokens** — provider formats with a fixed prefix or shape (AWS `AKIA…`, GitHub `ghp_…`,
-   GitLab `glpat-…`, Slack `xox?-…` and webhooks, Stripe `sk_live_…`, OpenAI `sk-…T3BlbkFJ…`, Anthropic
-   `sk-ant-…`, SendGrid, npm, PyPI, Square, Google `AIza…`, Azure storage/Service Bus keys, SAS
-   signatures and client secrets, PEM/OpenSSH/SSH2/PuTTY private keys, JWTs whose header and payload
-   decode to JSON, passwords in URLs, `Authorization: Basic|Bearer` headers…). Score 0.6 to 1.0. A
-   structurally valid token whose body looks like a placeholder (`AKIAXXXXXXXXXXXXXXXX`, `…EXAMPLE…`,
-   `user:password@`, a lone `BEGIN … PRIVATE KEY` line) is still reported, at score 0.4, so a policy can
-   tell documentation examples from live keys (`SecretsDetector(min_score=0.5)` drops them).
+1. **Structured tokens** — the vendored rules (AWS, GitHub, GitLab, Slack, Stripe, OpenAI, Anthropic,
+   Google, Azure… ~900 formats; score 1.0, 0.7 for upstream "low" confidence) and ztai's own: PEM/
+   OpenSSH/SSH2/PuTTY private keys, JWTs whose header and payload decode to JSON, passwords in URLs,
+   `Authorization: Basic|Bearer` headers, Azure SAS signatures, Slack webhooks, and the formats
+   kingfisher lacks (GitHub fine-grained PATs, GitLab's newer prefixes, OpenAI project keys, Twilio,
+   Mailchimp, npm/.npmrc, Discord, Artifactory, IBM COS, SoftLayer, GCP key ids, Stripe test keys, AWS
+   `ABIA`/`ACCA` key ids, TestPyPI tokens, bare Telegram bot tokens).
+   A token whose body looks like a placeholder (`AKIAXXXXXXXXXXXXXXXX`, `…EXAMPLE…`, `user:password@`,
+   a lone `BEGIN … PRIVATE KEY` line, a plain word) is still reported, at score 0.4, so a policy can
+   tell documentation examples from live keys (`SecretsDetector(min_score=0.5)` drops them); a vendored
+   rule's capture that is a template or a snake_case identifier is dropped.
 2. **Credential assignments** — a credential-named key (`password`, `db_pass`, `client_secret`,
    `api_key`, `authToken`, `--softlayer-api-key`, `пароль`…) bound to a literal in code, config or prose:
    `k = "v"`, `k: v`, `k := v`, `k => "v"`, `"k": "v"`, `k: str = "v"`, `k("v")`, `k == "v"`,
@@ -23,7 +32,8 @@ Three layers, strongest first; where findings overlap the stronger one wins:
    whose Shannon entropy is high for its length and alphabet (hashes, UUIDs and `data:` URIs are not
    secrets). Score 0.5.
 
-`source` does not change the rules. Work is linear in the text: every regex has bounded repetition, the
+`source` does not change the rules. Work is linear in the text: vendored rules run under RE2, ztai's
+regexes have bounded repetition, the
 keyword layer reads a bounded window per key name and never re-reads text an earlier key consumed, and
 values are capped at `_MAX_VALUE` characters. Evidence holds the rule name and a masked preview (at most
 a fifth of the value, 4 characters each end) — never the value.
@@ -43,6 +53,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ztai.detect.base import Finding, Source
+from ztai.detect.secret_rules import load_rules, read_rule_file
 
 __all__ = ["SECRET_TYPES", "SecretsDetector"]
 
@@ -67,7 +78,8 @@ _DUMMY_RE = re.compile(
 _DUMMY_EXACT = frozenset(
     {
         "none", "null", "nil", "undefined", "true", "false", "yes", "no", "on", "off", "empty",
-        "password", "passwd", "secret", "token", "key", "apikey", "api_key", "string", "str", "value",
+        "password", "passwd", "pass", "pwd", "secret", "token", "key", "apikey", "api_key", "string", "str",
+        "value",
         "test", "testing", "admin", "root", "user", "username", "default", "required", "optional",
         "hidden", "masked", "unknown", "todo", "tbd", "n/a", "na",
     }
@@ -264,51 +276,11 @@ _TOKEN_RULES: tuple[_TokenRule, ...] = (
     ),
     _rule("putty-private-key", "PRIVATE_KEY", r"PuTTY-User-Key-File-\d: ?[^\s]{1,64}", ("PuTTY-",), 1.0),
     _rule(
-        "aws-access-key-id",
-        "AWS_ACCESS_KEY",
-        r"(?<![A-Za-z0-9])(?P<v>(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{16})(?![A-Za-z0-9])",
-        ("AKIA", "ASIA", "ABIA", "ACCA", "A3T"),
-        1.0,
-    ),
-    _rule(
-        "aws-secret-access-key",
-        "AWS_SECRET_KEY",
-        r"aws[A-Za-z0-9_.\-]{0,24}?(?:secret|access)[A-Za-z0-9_.\-]{0,24}[\"'`]?\s{0,4}(?::=|=>|=|:)\s{0,4}"
-        r"[\"'`]?(?P<v>(?<![A-Za-z0-9/+])[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])",
-        ("aws",),
-        0.9,
-        flags=_AI,
-    ),
-    _rule("gcp-api-key", "GCP_API_KEY", _B + rf"(?P<v>AIza{_TOK}{{35}})" + _E, ("AIza",), 1.0),
-    _rule(
-        "gcp-oauth-client-secret",
-        "GCP_OAUTH_SECRET",
-        _B + rf"(?P<v>GOCSPX-{_TOK}{{28}})" + _E,
-        ("GOCSPX-",),
-        1.0,
-    ),
-    _rule(
         "gcp-service-account-key-id",
         "GCP_SERVICE_ACCOUNT",
         r"[\"']private_key_id[\"']\s{0,4}:\s{0,4}[\"'](?P<v>[0-9a-f]{40})[\"']",
         ("private_key_id",),
         0.9,
-    ),
-    _rule(
-        "azure-storage-account-key",
-        "AZURE_STORAGE_KEY",
-        r"AccountKey\s{0,2}=\s{0,2}(?P<v>[A-Za-z0-9+/]{86}==)",
-        ("accountkey",),
-        1.0,
-        flags=_AI,
-    ),
-    _rule(
-        "azure-shared-access-key",
-        "AZURE_CONNECTION_STRING",
-        r"SharedAccessKey\s{0,2}=\s{0,2}(?P<v>[A-Za-z0-9+/]{42,44}=)",
-        ("sharedaccesskey",),
-        1.0,
-        flags=_AI,
     ),
     _rule(
         "azure-sas-signature",
@@ -317,20 +289,6 @@ _TOKEN_RULES: tuple[_TokenRule, ...] = (
         ("sig=",),
         0.9,
         flags=_AI,
-    ),
-    _rule(
-        "azure-ad-client-secret",
-        "AZURE_CLIENT_SECRET",
-        r"(?<![A-Za-z0-9_~.\-])(?P<v>[A-Za-z0-9_~.]{3}\dQ~[A-Za-z0-9_~.\-]{31,34})(?![A-Za-z0-9_~.\-])",
-        ("Q~",),
-        0.9,
-    ),
-    _rule(
-        "github-token",
-        "GITHUB_TOKEN",
-        _B + r"(?P<v>gh[pousr]_[A-Za-z0-9]{36,251})" + _E,
-        ("ghp_", "gho_", "ghu_", "ghs_", "ghr_"),
-        1.0,
     ),
     _rule(
         "github-fine-grained-pat",
@@ -351,29 +309,12 @@ _TOKEN_RULES: tuple[_TokenRule, ...] = (
         1.0,
     ),
     _rule(
-        "slack-token",
-        "SLACK_TOKEN",
-        _B
-        + r"(?P<v>xox[abposre]-[0-9A-Za-z\-]{10,250}"
-        + r"|xapp-\d-[A-Z0-9]{6,32}-\d{6,20}-[a-f0-9]{32,80})"
-        + _E,
-        ("xox", "xapp-"),
-        1.0,
-    ),
-    _rule(
         "slack-webhook",
         "SLACK_WEBHOOK",
         r"hooks\.slack\.com/(?P<v>(?:services|workflows|triggers)/[A-Za-z0-9_/+\-]{20,150})",
         ("hooks.slack.com",),
         1.0,
         flags=_AI,
-    ),
-    _rule(
-        "stripe-secret-key",
-        "STRIPE_KEY",
-        r"(?<![A-Za-z0-9])(?P<v>(?:sk|rk)_live_[A-Za-z0-9]{16,247})(?![A-Za-z0-9])",
-        ("_live_",),
-        1.0,
     ),
     _rule(
         "stripe-test-key",
@@ -383,20 +324,6 @@ _TOKEN_RULES: tuple[_TokenRule, ...] = (
         0.6,
     ),
     _rule(
-        "stripe-webhook-secret",
-        "STRIPE_KEY",
-        r"(?<![A-Za-z0-9])(?P<v>whsec_[A-Za-z0-9]{32,64})(?![A-Za-z0-9])",
-        ("whsec_",),
-        1.0,
-    ),
-    _rule(
-        "anthropic-api-key",
-        "ANTHROPIC_API_KEY",
-        _B + rf"(?P<v>sk-ant-(?:api|admin|sid)\d\d-{_TOK}{{80,120}})" + _E,
-        ("sk-ant-",),
-        1.0,
-    ),
-    _rule(
         "openai-api-key",
         "OPENAI_API_KEY",
         _B + rf"(?P<v>sk-(?:(?:proj|svcacct|admin|None)-)?{_TOK}{{10,200}}T3BlbkFJ{_TOK}{{10,200}})" + _E,
@@ -404,26 +331,11 @@ _TOKEN_RULES: tuple[_TokenRule, ...] = (
         1.0,
     ),
     _rule(
-        "square-token",
-        "SQUARE_KEY",
-        _B + rf"(?P<v>sq0csp-{_TOK}{{43}}|sq0atp-{_TOK}{{22}})" + _E,
-        ("sq0csp-", "sq0atp-"),
-        1.0,
-    ),
-    _rule("huggingface-token", "HUGGINGFACE_TOKEN", _B + r"(?P<v>hf_[A-Za-z]{34})" + _E, ("hf_",), 0.9),
-    _rule(
         "twilio-key",
         "TWILIO_KEY",
         r"(?<![A-Za-z0-9])(?P<v>(?:AC|SK)[a-z0-9]{32})(?![A-Za-z0-9])",
         ("AC", "SK"),
         0.8,
-    ),
-    _rule(
-        "sendgrid-api-key",
-        "SENDGRID_KEY",
-        _B + rf"(?P<v>SG\.{_TOK}{{22}}\.{_TOK}{{43}})" + _E,
-        ("SG.",),
-        1.0,
     ),
     _rule(
         "mailchimp-api-key",
@@ -443,24 +355,10 @@ _TOKEN_RULES: tuple[_TokenRule, ...] = (
         _not_template,
     ),
     _rule(
-        "pypi-token",
-        "PYPI_TOKEN",
-        _B + rf"(?P<v>pypi-(?:AgEIcHlwaS5vcmc|AgENdGVzdC5weXBpLm9yZw){_TOK}{{70,1000}})" + _E,
-        ("pypi-",),
-        1.0,
-    ),
-    _rule(
         "discord-bot-token",
         "DISCORD_TOKEN",
         _B + rf"(?P<v>[MNO]{_TOK}{{23,25}}\.{_TOK}{{6}}\.(?:{_TOK}{{38}}|{_TOK}{{27}}))" + _E,
         (".",),
-        0.9,
-    ),
-    _rule(
-        "telegram-bot-token",
-        "TELEGRAM_TOKEN",
-        r"(?:(?<=/bot)|(?<![A-Za-z0-9_:]))(?P<v>[0-9]{8,10}:AA[0-9A-Za-z_\-]{33})" + _E,
-        (":AA",),
         0.9,
     ),
     _rule(
@@ -470,15 +368,6 @@ _TOKEN_RULES: tuple[_TokenRule, ...] = (
         ("AKC", "AP"),
         0.8,
         _has_lower_or_digit,
-    ),
-    _rule(
-        "ibm-cloud-iam-key",
-        "IBM_CLOUD_IAM_KEY",
-        r"(?<![A-Za-z0-9])(?:ibm|cloud|iam)[A-Za-z0-9_\-]{0,24}?(?:api[_\-]?key|key|pwd|password|pass)"
-        r"[\"'`]?\s{0,4}(?::=|=|:)\s{0,4}[\"'`]?(?P<v>[A-Za-z0-9_\-]{44})(?![A-Za-z0-9_\-])",
-        ("ibm", "cloud", "iam"),
-        0.9,
-        flags=_AI,
     ),
     _rule(
         "ibm-cos-hmac-secret",
@@ -498,6 +387,27 @@ _TOKEN_RULES: tuple[_TokenRule, ...] = (
         ("softlayer", "sl_", "sl-", "slapi", "slkey", "slpwd", "slpass"),
         0.9,
         flags=_AI,
+    ),
+    _rule(
+        "aws-access-key-id",
+        "AWS_ACCESS_KEY",
+        r"(?<![A-Za-z0-9])(?P<v>(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{16})(?![A-Za-z0-9])",
+        ("AKIA", "ASIA", "ABIA", "ACCA", "A3T"),
+        1.0,
+    ),
+    _rule(
+        "pypi-token",
+        "PYPI_TOKEN",
+        _B + rf"(?P<v>pypi-(?:AgEIcHlwaS5vcmc|AgENdGVzdC5weXBpLm9yZw){_TOK}{{70,1000}})" + _E,
+        ("pypi-",),
+        1.0,
+    ),
+    _rule(
+        "telegram-bot-token",
+        "TELEGRAM_TOKEN",
+        r"(?:(?<=/bot)|(?<![A-Za-z0-9_:]))(?P<v>[0-9]{8,10}:AA[0-9A-Za-z_\-]{33})" + _E,
+        (":AA",),
+        0.9,
     ),
     _rule(
         "password-in-url",
@@ -700,7 +610,7 @@ class _Candidate:
     type: str
     rule: str
     score: float
-    priority: int  # 0 structured, 1 assignment, 2 entropy; lower wins on overlap
+    priority: int  # 0 keys/JWT, 1 vendored rule, 2 ztai's formats, 3 assignment, 4 entropy; lower wins
 
 
 def _line_bounds(text: str, pos: int) -> tuple[int, int]:
@@ -723,8 +633,8 @@ def _read_value(text: str, i: int, limit: int, op: str) -> _Value:
         i += 1
     if i >= limit:
         return None, i
-    if text[i] in "@bBrRuU" and i + 1 < limit and text[i + 1] in _QUOTES:
-        i += 1  # C# @"…", Python b"…"/r"…"
+    if text[i] in "@bBrRuUfF" and i + 1 < limit and text[i + 1] in _QUOTES:
+        i += 1  # C# @"…", Python b"…"/r"…"/f"…"
     if text[i] in _QUOTES:
         close = _closing_quote(text, text[i], i + 1, min(limit, i + 1 + _MAX_VALUE))
         if close < 0:
@@ -824,9 +734,13 @@ def _assignment(text: str, s: int, e: int, line_start: int, line_end: int) -> _V
     return None, max(read, e)
 
 
+_AUTH_SCHEME = re.compile(r"^(?:bearer|basic|token)\s+(?=\S)", _AI)
+_OPERATOR = re.compile(r"[=:(<>]")
+
+
 def _accept_value(value: str, quoted: bool, cls: int) -> float:
     """Score for `value` bound to a key of class `cls` (0.0: not a secret)."""
-    stripped = value.strip()
+    stripped = _AUTH_SCHEME.sub("", value.strip())  # `Bearer {API_KEY}`: the scheme word is not the value
     if len(stripped) < 4 or not _has_alnum(stripped):
         return 0.0
     if _is_template(stripped) or _is_dummy(stripped) or _is_wordlike(stripped):
@@ -879,9 +793,18 @@ def _high_entropy(value: str) -> bool:
 # ---------------------------------------------------------------------------------------------------
 
 
+_CONFIDENCE_SCORE = {"high": 1.0, "medium": 1.0, "low": 0.7}
+# ztai's own rules that win over an overlapping vendored rule: they validate the value (JWT, PEM) or
+# cut the span to the secret itself (the password of a URL, the credential of an Authorization header)
+_OWN_FIRST = frozenset({"JWT", "BASIC_AUTH_URL", "AUTHORIZATION_HEADER", "AZURE_SAS_TOKEN", "SLACK_WEBHOOK"})
+
 # every finding type this detector reports
 SECRET_TYPES: tuple[str, ...] = tuple(
-    sorted({rule.type for rule in _TOKEN_RULES} | {"PASSWORD_ASSIGNMENT", "HIGH_ENTROPY_STRING"})
+    sorted(
+        {rule.type for rule in _TOKEN_RULES}
+        | {str(entry["type"]) for entry in read_rule_file()["rules"]}
+        | {"PASSWORD_ASSIGNMENT", "HIGH_ENTROPY_STRING"}
+    )
 )
 
 
@@ -895,8 +818,10 @@ class SecretsDetector:
     name = "secrets"
 
     def __init__(self, min_score: float = 0.0) -> None:
-        """`min_score` drops findings below it (0.5 drops placeholder-looking tokens)."""
+        """`min_score` drops findings below it (0.5 drops placeholder-looking tokens). The vendored rules
+        are compiled here (once per process, ~1 s), not on the first request."""
         self.min_score = min_score
+        load_rules()
 
     def scan(self, text: str, source: Source) -> list[Finding]:
         if not text:
@@ -904,6 +829,7 @@ class SecretsDetector:
         lowered = text.lower()
         candidates: list[_Candidate] = []
         self._structured(text, lowered, candidates)
+        self._vendored(text, candidates)
         self._keywords(text, lowered, candidates)
         return self._resolve(text, candidates)
 
@@ -935,7 +861,28 @@ class SecretsDetector:
                 score = rule.score
                 if _is_placeholder_token(value):
                     score = min(score, _PLACEHOLDER_SCORE)
-                out.append(_Candidate(start, end, rule.type, rule.rule, score, 0))
+                priority = 0 if rule.type in _OWN_FIRST else 2  # else vendored rules win over ztai's
+                out.append(_Candidate(start, end, rule.type, rule.rule, score, priority))
+
+    # -- vendored provider rules -----------------------------------------------------------------
+
+    @staticmethod
+    def _vendored(text: str, out: list[_Candidate]) -> None:
+        data = text.encode("utf-8", "surrogatepass")
+        ascii_text = len(data) == len(text)
+        for match in load_rules().matches(data):
+            start, end = match.start, match.end
+            if not ascii_text:  # byte offsets -> str offsets
+                start = len(data[:start].decode("utf-8", "ignore"))
+                end = start + len(data[match.start : match.end].decode("utf-8", "ignore"))
+            value = text[start:end]
+            wordlike = _is_wordlike(value)
+            if _is_template(value) or (wordlike and "_" in value):
+                continue  # `${key_improvements}`, `key_competencies`: a template or identifier, not a secret
+            score = _CONFIDENCE_SCORE.get(match.rule.confidence, 0.9)
+            if wordlike or _is_placeholder_token(value):  # `Password=myPassword`: reported, low
+                score = min(score, _PLACEHOLDER_SCORE)
+            out.append(_Candidate(start, end, match.rule.type, match.rule.id, score, 1))
 
     # -- layers 2 and 3 ---------------------------------------------------------------------------
 
@@ -977,11 +924,13 @@ class SecretsDetector:
             done_until = read
             if found is not None:
                 vs, ve, quoted = found
+                if name.lower() == "pass" and _OPERATOR.search(text, e, vs) is None:
+                    continue  # the verb: "pass `--flag value`", "pass "x" to f"
                 score = _accept_value(text[vs:ve], quoted, cls)
                 if score > 0.0:
                     kind = "HIGH_ENTROPY_STRING" if cls == _WEAK_CLASS else "PASSWORD_ASSIGNMENT"
                     rule = "keyword-entropy" if cls == _WEAK_CLASS else "keyword-assignment"
-                    out.append(_Candidate(vs, ve, kind, rule, score, 1))
+                    out.append(_Candidate(vs, ve, kind, rule, score, 3))
                     continue
             # no literal bound to the key: a high-entropy string shortly after a token or password name
             if cls == _WEAK_CLASS or _NOT_SECRET_CONTEXT.search(text, s, e):
@@ -998,7 +947,7 @@ class SecretsDetector:
             if text.endswith("base64,", max(0, m.start() - 8), m.start()) or text.startswith("://", m.end()):
                 continue
             if _high_entropy(m.group(0)):
-                out.append(_Candidate(m.start(), m.end(), "HIGH_ENTROPY_STRING", "keyword-entropy", 0.5, 2))
+                out.append(_Candidate(m.start(), m.end(), "HIGH_ENTROPY_STRING", "keyword-entropy", 0.5, 4))
 
     # -- overlaps and output ------------------------------------------------------------------------
 
