@@ -348,7 +348,9 @@ class WrkResult:
 
 def write_lua(directory: Path, target: Target) -> Path:
     path = directory / f"{target.name}.lua"
-    path.write_text(LUA_TEMPLATE.format(prefix=BODY_PREFIX, suffix=BODY_SUFFIX, token=target.token, marker=JSON_MARKER))
+    path.write_text(
+        LUA_TEMPLATE.format(prefix=BODY_PREFIX, suffix=BODY_SUFFIX, token=target.token, marker=JSON_MARKER)
+    )
     return path
 
 
