@@ -179,6 +179,11 @@ class DetectSettings(_Section):
     # header, else per request); its appearance in an answer or a request is a leak (context.content.canary).
     canaries: bool = False
     vault: VaultSettings = VaultSettings()
+    # Findings of the pure detectors (injection, pii, secrets) per (detector, source, text), kept so that a
+    # conversation resent on every turn is not scanned again: at most this many entries (0: no cache) and
+    # about this many characters (ztai.detect.inspector.ScanCache).
+    scan_cache_entries: int = Field(4096, ge=0, le=1_000_000)
+    scan_cache_chars: int = Field(1_048_576, ge=0, le=1_073_741_824)
 
 
 class ToolSettings(_Section):

@@ -79,6 +79,27 @@ def test_fast_feature_path_matches_training_features() -> None:
     assert np.allclose(tagger.predict_proba(feats), tagger.predict_tokens(text, toks, ptypes), atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Dr. Jana Novak moved from Brno to 12 Elm Street, Springfield.\nCall 555-0100 x12, zip 60614.",
+        "Attn: J. R. Smith\nNew York, NY 10001\n\nSee www.example.org | a||b || ok",
+        "hello benchmark, request 123",
+        "x",
+    ],
+)
+def test_flat_indices_keep_the_training_order(text: str) -> None:
+    """The inference path sums the same weights in the same order as the training features (so its
+    probabilities are bitwise those of `predict_proba`'s gather)."""
+    tagger = pii._tagger()
+    assert tagger is not None
+    toks = pii.tokenize(text)
+    ptypes = pii.pattern_types_per_token(toks, pii._resolve(pii._pattern_hits(text)))
+    assert tagger.indices_for(text, toks, ptypes) == tagger.indices(pii.token_features(text, toks, ptypes))
+    flat, counts = tagger.flat_indices_for(text, toks, ptypes)
+    assert sum(counts) == len(flat) and len(counts) == len(toks)
+
+
 # --- structured types with exact offsets ---------------------------------------------------------------
 
 

@@ -25,6 +25,16 @@ async def test_a_large_scan_in_the_worker_finds_what_an_inline_scan_finds() -> N
     assert {"EMAIL_ADDRESS", "GITHUB_TOKEN", "prompt_leak"} <= {f.type for f in found}
 
 
+async def test_the_worker_builds_detectors_with_the_configured_options() -> None:
+    """A deployment that narrows `detect.pii.identifying_types` gets the same narrowing off the loop."""
+    inspector = Inspector([], detectors=[load_detector("pii", {"identifying_types": ["PHONE_NUMBER"]})])
+    text = "x " * scanning.OFF_LOOP_CHARS + " mail ana.lopez@example.com or call +1 415 555 0100"
+    [found] = await scanning.scan_texts(inspector, [(text, "user", ())])
+    assert found == inspector.scan(text, "user")
+    identifying = {f.type for f in found if f.identifying}
+    assert identifying == {"PHONE_NUMBER"} and "EMAIL_ADDRESS" in {f.type for f in found}
+
+
 async def test_the_event_loop_keeps_ticking_during_a_large_scan() -> None:
     inspector = Inspector([], detectors=[load_detector("pii"), load_detector("secrets")])
     text = " ".join(f"user{i}@example.com" for i in range(5000))  # ~100 KB

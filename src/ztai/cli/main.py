@@ -93,6 +93,8 @@ detect:                    # content detectors per route; policies/content.cedar
     person_min_score: 0.9  # a name counts from this tagger confidence on, and only name-shaped
   stream_holdback_chars: 64  # streamed answers are held back this much so split values are still caught
   canaries: false          # true: a canary token in every system prompt; seeing it again is a leak
+  scan_cache_entries: 4096  # findings kept per (detector, source, text): resent turns are not rescanned
+  scan_cache_chars: 1048576 # and the characters those entries may hold (0 entries: no cache)
 
 upstreams:
   mock:                    # the built-in mock (`ztai mock-upstream --port 9100`)

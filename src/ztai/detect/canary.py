@@ -11,6 +11,7 @@ import re
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ztai.detect.base import Finding, Source
 
@@ -25,6 +26,8 @@ def canary_instruction(token: str) -> str:
 @dataclass
 class CanaryDetector:
     name: str = "canary"
+    # findings depend on the canaries issued so far, not only on the text: never cached (Inspector)
+    cacheable: ClassVar[bool] = False
     max_canaries: int = 100_000  # oldest forgotten first: memory stays bounded
     _known: OrderedDict[str, str] = field(default_factory=OrderedDict)  # token -> session id
     _by_session: dict[str, str] = field(default_factory=dict)

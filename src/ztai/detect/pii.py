@@ -279,7 +279,7 @@ def _strip_trailing(text: str, start: int, end: int, chars: str = ".,;:!?)]}'\""
 def _pattern_hits(text: str) -> list[_Hit]:
     hits: list[_Hit] = []
     add = hits.append
-    has_digit = any(c.isdigit() for c in text) if len(text) < 4096 else re.search(r"\d", text) is not None
+    has_digit = any(map(str.isdigit, text)) if len(text) < 4096 else re.search(r"\d", text) is not None
 
     if "@" in text:
         for m in _EMAIL_RE.finditer(text):
@@ -656,6 +656,8 @@ def _own_features(w: str, gaz: _Gazetteer) -> tuple[list[str], list[str]]:
 
 
 _OFFSETS = (-2, -1, 1, 2)
+_OFF_PL = {o: str(o) + "pl=" for o in _OFFSETS}
+_OFF_PT = {o: str(o) + "pt=" for o in _OFFSETS}
 _SENTINEL_NB = {-1: ["w=<s>", "sh=<s>"], 1: ["w=</s>", "sh=</s>"]}
 
 
@@ -670,9 +672,17 @@ def _place_spans(toks: list[Token], lows: list[str], text: str, gaz: _Gazetteer)
         if not toks[i].text[0].isalpha():
             i += 1
             continue
+        if lows[i] not in gaz.multi_first:  # one token: the loop below with top == 1, made short
+            kd = gaz.place.get(lows[i])
+            if kd is None and not lows[i].isascii():
+                kd = gaz.place.get(_fold(lows[i]))
+            if kd is not None:
+                out[i] = "B" + kd
+            i += 1
+            continue
         matched = 0
         kind = ""
-        top = min(gaz.max_words + 2, n - i) if lows[i] in gaz.multi_first else 1
+        top = min(gaz.max_words + 2, n - i)
         for k in range(top, 0, -1):
             j = i + k - 1
             if not toks[j].text[0].isalnum():
@@ -840,6 +850,16 @@ class _TokenTagger:
             [j for j in (get(str(o) + x, -1) for x in _SENTINEL_NB[-1 if o < 0 else 1]) if j >= 0]
             for o in _OFFSETS
         )
+        # indices of the context features that take no value (-1: not in the vocabulary)
+        self._flag = {
+            f: get(f, -1) for f in ("cap-mid", "initial", "bol", "eol", "ml", "first", "glued-l", "glued-r")
+        }
+        self._lt = {b: get("lt=" + b, -1) for b in ("1", "2", "3", "4", "5", "6-9", "10+")}
+        self._valued: dict[str, int] = {}  # "pt=X", "-1pl=BC", ... -> index, filled on first use
+        # words that occur at a given place of some bigram feature: a bigram without one is not looked up
+        self._bg_second = _bigram_words(vocab, "bg=", second=True)
+        self._bgp_first = _bigram_words(vocab, "bg+=", second=False)
+        self._w12_second = _bigram_words(vocab, "w-1-2=", second=True)
 
     @classmethod
     def load(cls, path: str | None = None) -> _TokenTagger | None:
@@ -901,17 +921,123 @@ class _TokenTagger:
 
     def indices_for(self, text: str, toks: list[Token], pattern_types: list[str]) -> list[list[int]]:
         """Same features as `token_features`, as vocabulary indices, with the text-only part cached."""
-        owns = [self._own_indices(t.text) for t in toks]
-        ctx = self.indices(_context_features(text, toks, [t.text.lower() for t in toks], pattern_types))
-        n = len(toks)
+        flat, counts = self.flat_indices_for(text, toks, pattern_types)
         out: list[list[int]] = []
-        for i in range(n):
-            row = owns[i][0] + ctx[i]
-            for k, off in enumerate(_OFFSETS):
-                j = i + off
-                row += owns[j][1][k] if 0 <= j < n else self._sentinel[k]
-            out.append(row)
+        pos = 0
+        for c in counts:
+            out.append(flat[pos : pos + c])
+            pos += c
         return out
+
+    def _valued_index(self, feature: str) -> int:
+        j = self._valued.get(feature)
+        if j is None:
+            j = self.vocab.get(feature, -1)
+            if len(self._valued) < 10_000:
+                self._valued[feature] = j
+        return j
+
+    def flat_indices_for(
+        self, text: str, toks: list[Token], pattern_types: list[str]
+    ) -> tuple[list[int], list[int]]:
+        """`indices_for` as one flat list plus the count per token, built without the feature strings
+        where it can: the same indices in the same order as `token_features` (row = own features, then
+        `_context_features`' in its order, then the neighbours' at -2, -1, 1, 2), so sums are bitwise
+        the same."""
+        n = len(toks)
+        get = self.vocab.get
+        valued = self._valued_index
+        owns = [self._own_indices(t.text) for t in toks]
+        lows = [t.text.lower() for t in toks]
+        places = _place_spans(toks, lows, text, _gazetteer())
+        flag = self._flag
+        f_capmid, f_initial, f_bol, f_eol = flag["cap-mid"], flag["initial"], flag["bol"], flag["eol"]
+        f_ml, f_first, f_gl, f_gr = flag["ml"], flag["first"], flag["glued-l"], flag["glued-r"]
+        line_id: list[int] = []
+        cur = -1
+        for t in toks:
+            if t.nl_before:
+                cur += 1
+            line_id.append(cur)
+        multi = cur > 0
+        per_line: dict[int, int] = {}
+        if multi:
+            for li in line_id:
+                per_line[li] = per_line.get(li, 0) + 1
+        any_pt = any(pattern_types)
+        any_pl = any(places)
+        sentinel = self._sentinel
+        bg_second, bgp_first, w12_second = self._bg_second, self._bgp_first, self._w12_second
+        flat: list[int] = []
+        add = flat.append
+        extend = flat.extend
+        counts: list[int] = []
+        before = 0
+        for i in range(n):
+            t = toks[i]
+            w = t.text
+            low = lows[i]
+            extend(owns[i][0])
+            if any_pt and pattern_types[i] and (j := valued("pt=" + pattern_types[i])) >= 0:
+                add(j)
+            if any_pl and places[i] and (j := valued("pl=" + places[i])) >= 0:
+                add(j)
+            c0 = w[0]
+            if (
+                f_capmid >= 0
+                and c0.isupper()
+                and i > 0
+                and not t.nl_before
+                and toks[i - 1].text not in ".!?:\"'"
+            ):
+                add(f_capmid)
+            if f_initial >= 0 and len(w) == 1 and w.isupper() and 0 < i < n - 1:
+                nxt = toks[i + 2] if toks[i + 1].text == "." and i + 2 < n else toks[i + 1]
+                if toks[i - 1].text[0].isupper() and nxt.text[0].isupper() and not nxt.nl_before:
+                    add(f_initial)
+            if t.nl_before and f_bol >= 0:
+                add(f_bol)
+            if f_eol >= 0 and (i + 1 >= n or toks[i + 1].nl_before):
+                add(f_eol)
+            if multi:
+                if (j := self._lt[_len_bucket(per_line[line_id[i]])]) >= 0:
+                    add(j)
+                if f_ml >= 0:
+                    add(f_ml)
+            if i == 0 and f_first >= 0:
+                add(f_first)
+            if any_pt or any_pl:
+                for off in _OFFSETS:
+                    k = i + off
+                    if 0 <= k < n:
+                        if places[k] and (j := valued(_OFF_PL[off] + places[k])) >= 0:
+                            add(j)
+                        if pattern_types[k] and (j := valued(_OFF_PT[off] + pattern_types[k])) >= 0:
+                            add(j)
+            prev = lows[i - 1] if i > 0 else "<s>"
+            if low in bg_second and (j := get("bg=" + prev + "|" + low, -1)) >= 0:
+                add(j)
+            if (
+                low in bgp_first
+                and (j := get("bg+=" + low + "|" + (lows[i + 1] if i + 1 < n else "</s>"), -1)) >= 0
+            ):
+                add(j)
+            if (
+                prev in w12_second
+                and (j := get("w-1-2=" + (lows[i - 2] if i > 1 else "<s>") + "|" + prev, -1)) >= 0
+            ):
+                add(j)
+            if f_gl >= 0 and i > 0 and toks[i - 1].end == t.start:
+                add(f_gl)
+            if f_gr >= 0 and i + 1 < n and toks[i + 1].start == t.end:
+                add(f_gr)
+            extend(owns[i - 2][1][0] if i >= 2 else sentinel[0])
+            extend(owns[i - 1][1][1] if i >= 1 else sentinel[1])
+            extend(owns[i + 1][1][2] if i + 1 < n else sentinel[2])
+            extend(owns[i + 2][1][3] if i + 2 < n else sentinel[3])
+            counts.append(len(flat) - before)
+            before = len(flat)
+        return flat, counts
 
     @staticmethod
     def _probs(w: np.ndarray, b: np.ndarray, idx: list[list[int]]) -> np.ndarray:
@@ -945,14 +1071,24 @@ class _TokenTagger:
     def predict_tokens(self, text: str, toks: list[Token], pattern_types: list[str]) -> np.ndarray:
         """`predict_proba(token_features(...))`, faster: cached per-token-text features, one gather of
         both stages' weights for the shared features, cached stacking features."""
-        idx = self.indices_for(text, toks, pattern_types)
         if self.w2 is None or self.b2 is None or self._w12 is None:
-            return self._probs(self.w1, self.b1, idx)
+            return self._probs(self.w1, self.b1, self.indices_for(text, toks, pattern_types))
         n_lab = len(self.labels)
-        both = self._sums(self._w12, idx)
+        both = self._flat_sums(self._w12, *self.flat_indices_for(text, toks, pattern_types))
         p1 = _softmax(both[:, :n_lab] + self.b1)
         logits2 = both[:, n_lab:] + self._sums(self.w2, self._stack_indices(p1)) + self.b2
         return _softmax(logits2)
+
+    @staticmethod
+    def _flat_sums(w: np.ndarray, flat: list[int], counts: list[int]) -> np.ndarray:
+        """`_sums` of rows given flat (the same additions in the same order)."""
+        n = len(counts)
+        out = np.zeros((n, w.shape[1]), dtype=np.float32)
+        if flat:
+            cnt = np.array(counts, dtype=np.int64)
+            nz = cnt > 0
+            out[nz] = np.add.reduceat(w[np.array(flat, dtype=np.int64)], (np.cumsum(cnt) - cnt)[nz], axis=0)
+        return out
 
     @staticmethod
     def _sums(w: np.ndarray, idx: list[list[int]]) -> np.ndarray:
@@ -965,6 +1101,18 @@ class _TokenTagger:
             nz = counts > 0
             out[nz] = np.add.reduceat(w[flat], (np.cumsum(counts) - counts)[nz], axis=0)
         return out
+
+
+def _bigram_words(vocab: dict[str, int], prefix: str, second: bool) -> frozenset[str]:
+    """The words that are the second (or first) part of some `prefix + a + "|" + b` feature; every split
+    at a "|" counts, since a token may itself be or contain "|"."""
+    words: set[str] = set()
+    for feature in vocab:
+        if feature.startswith(prefix):
+            body = feature[len(prefix) :]
+            for m in re.finditer(r"\|", body):
+                words.add(body[m.end() :] if second else body[: m.start()])
+    return frozenset(words)
 
 
 _tagger_lock = threading.Lock()
@@ -1206,6 +1354,7 @@ class PiiDetector:
     """
 
     name = "pii"
+    cacheable = True  # findings depend on (text, options) only: the Inspector may cache them
 
     def __init__(
         self,

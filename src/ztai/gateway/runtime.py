@@ -57,7 +57,12 @@ def _route_inspectors(settings: Settings, canaries: CanaryDetector | None) -> di
         ] + extra
         if not detectors:
             return None
-        found = Inspector([], detectors=detectors)
+        found = Inspector(
+            [],
+            detectors=detectors,
+            cache_entries=detect.scan_cache_entries,
+            cache_chars=detect.scan_cache_chars,
+        )
         found.warm()  # models load at start, not on the first request
         return found
 
@@ -180,15 +185,7 @@ class Runtime:
         scanning.prefer_event_loop()
         # The scanning worker loads its detectors now, not during the first large request.
         scanning.warm(
-            sorted(
-                {
-                    d.name
-                    for r in self.inspectors.values()
-                    for i in (r.input, r.output)
-                    if i
-                    for d in i.detectors
-                }
-            )
+            [d for r in self.inspectors.values() for i in (r.input, r.output) if i for d in i.detectors]
         )
         self._refresher = asyncio.create_task(self._refresh_revocations())
         if self.vault_store is not None:

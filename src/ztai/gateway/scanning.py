@@ -24,8 +24,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import TypeVar
 
+import orjson
+
 from ztai.detect.base import Detector, Finding, Source
-from ztai.detect.inspector import DETECTORS, Inspector, load_detector
+from ztai.detect.inspector import DETECTORS, Inspector, detector_options, load_detector
 
 # Texts (all of a request's, or one stream window) at least this long leave the event loop. Measured
 # (injection + pii + secrets): 1,000 characters cost ~2 ms inline, ~0.9 ms more through the worker; so
@@ -77,10 +79,10 @@ async def scan_texts(inspector: Inspector, tasks: list[ScanTask]) -> list[list[F
 
 
 async def _in_worker(detectors: list[Detector], tasks: list[ScanTask]) -> list[list[Finding]]:
-    names = tuple(d.name for d in detectors)
+    specs = tuple(_spec(d) for d in detectors)
     loop = asyncio.get_running_loop()
     try:
-        return await loop.run_in_executor(_process_pool(), _scan_in_worker, names, tasks)
+        return await loop.run_in_executor(_process_pool(), _scan_in_worker, specs, tasks)
     except BrokenExecutor:  # the worker could not start (no main guard) or died (killed, out of memory)
         _discard_pool()
         return await loop.run_in_executor(_threads, _scan_with, detectors, tasks)
@@ -99,7 +101,15 @@ def _scan_with(detectors: Sequence[Detector], tasks: list[ScanTask]) -> list[lis
     return found
 
 
-_worker_detectors: dict[str, Detector] = {}
+# (name, options as JSON) -> the detector built from them, once per worker process.
+DetectorSpec = tuple[str, str]
+_worker_detectors: dict[DetectorSpec, Detector] = {}
+
+
+def _spec(detector: Detector) -> DetectorSpec:
+    """What the worker needs to build the same detector: its name and the options it was loaded with
+    (e.g. `detect.pii.identifying_types`), so both sides find exactly the same."""
+    return detector.name, orjson.dumps(detector_options(detector), option=orjson.OPT_SORT_KEYS).decode()
 
 
 def _lower_priority() -> None:
@@ -109,12 +119,13 @@ def _lower_priority() -> None:
         os.nice(WORKER_NICENESS)
 
 
-def _scan_in_worker(names: tuple[str, ...], tasks: list[ScanTask]) -> list[list[Finding]]:
-    """In the worker process: the named detectors, loaded once, over the texts."""
-    for name in names:
-        if name not in _worker_detectors:
-            _worker_detectors[name] = load_detector(name)
-    return _scan_with([_worker_detectors[name] for name in names], tasks)
+def _scan_in_worker(specs: tuple[DetectorSpec, ...], tasks: list[ScanTask]) -> list[list[Finding]]:
+    """In the worker process: the detectors of `specs`, built once, over the texts."""
+    for spec in specs:
+        if spec not in _worker_detectors:
+            name, options = spec
+            _worker_detectors[spec] = load_detector(name, orjson.loads(options))
+    return _scan_with([_worker_detectors[spec] for spec in specs], tasks)
 
 
 def _process_pool() -> ProcessPoolExecutor:
@@ -144,9 +155,9 @@ def prefer_event_loop() -> None:
     sys.setswitchinterval(min(sys.getswitchinterval(), LOOP_SWITCH_INTERVAL))
 
 
-def warm(names: Sequence[str]) -> None:
-    """Start the worker process and load `names` in it now, rather than on the first large request."""
-    portable = tuple(name for name in names if name in DETECTORS and name != "canary")
+def warm(detectors: Sequence[Detector]) -> None:
+    """Start the worker process and build `detectors` in it now, rather than on the first large request."""
+    portable = tuple(dict.fromkeys(_spec(d) for d in detectors if _rebuildable(d)))
     if portable and not _processes_failed:
         _process_pool().submit(_scan_in_worker, portable, [])
 
