@@ -53,6 +53,9 @@ class Finding:
     # reported as context (a country, a company, a language, a date): redaction leaves it in place and it
     # is not in `context.content.pii_identifying_types`. Other detectors leave it True.
     identifying: bool = True
+    # Injection only: the probability reached the detector's refuse threshold (calibrated for <= 0.1% false
+    # positives; `context.content.injection_confident`), not just its flag threshold.
+    confident: bool = False
 
 
 @runtime_checkable

@@ -357,7 +357,8 @@ class InjectionDetector:
         if analysis.probability >= self.threshold:
             cues = analysis.cues or explain(analysis, source, self.model)
             kinds = analysis.normalized.kinds
-            level = "confident" if analysis.probability >= self.refuse_threshold else "flagged"
+            confident = analysis.probability >= self.refuse_threshold
+            level = "confident" if confident else "flagged"
             evidence = f"p={analysis.probability:.2f} {level} source={GROUPS[source_group(source)]}"
             if cues:
                 evidence += " cues: " + ", ".join(repr(cue) for cue in cues)
@@ -371,6 +372,7 @@ class InjectionDetector:
                     end=analysis.end,
                     score=analysis.probability,
                     evidence=evidence[:200],
+                    confident=confident,
                 )
             )
         counts = analysis.normalized.counts

@@ -28,11 +28,6 @@ DETECTORS: dict[str, tuple[str, str]] = {
 }
 
 
-def is_confident(finding: Finding) -> bool:
-    """An injection finding at the detector's refuse threshold (its evidence says `p=0.97 confident`)."""
-    return finding.evidence.split(" ", 2)[1:2] == ["confident"]
-
-
 # Registry detectors whose findings are a pure function of (text, source): their results may be cached.
 # The canary detector is not (its findings depend on the canaries issued so far).
 PURE_DETECTORS: frozenset[str] = frozenset({"injection", "pii", "secrets"})
@@ -187,7 +182,7 @@ class Inspection:
         return {
             "injection_score": max((round(f.score * 100) for f in injection), default=0),
             "injection_flagged": bool(injection),
-            "injection_confident": any(is_confident(f) for f in injection),
+            "injection_confident": any(f.confident for f in injection),
             "pii_types": sorted({f.type for f in pii}),
             "pii_identifying_types": sorted({f.type for f in pii if f.identifying}),
             "secret_types": sorted({f.type for f in findings if f.detector == "secrets"}),

@@ -711,13 +711,9 @@ def _len_bucket(n: int) -> str:
     return str(n) if n < 6 else "6-9" if n < 10 else "10+"
 
 
-def _context_features(
-    text: str, toks: list[Token], lows: list[str], pattern_types: list[str]
-) -> list[list[str]]:
-    """Features that depend on the token's position: layout, gazetteer phrases, patterns, bigrams."""
-    gaz = _gazetteer()
-    places = _place_spans(toks, lows, text, gaz)
-    n = len(toks)
+def _line_layout(toks: list[Token]) -> tuple[list[int], dict[int, int]]:
+    """Each token's line number, and the number of tokens per line when the text has several lines
+    (empty for a one-line text, where line-length features do not apply)."""
     line_id: list[int] = []
     cur = -1
     for t in toks:
@@ -725,9 +721,21 @@ def _context_features(
             cur += 1
         line_id.append(cur)
     per_line: dict[int, int] = {}
-    for li in line_id:
-        per_line[li] = per_line.get(li, 0) + 1
-    multi = cur > 0
+    if cur > 0:
+        for li in line_id:
+            per_line[li] = per_line.get(li, 0) + 1
+    return line_id, per_line
+
+
+def _context_features(
+    text: str, toks: list[Token], lows: list[str], pattern_types: list[str]
+) -> list[list[str]]:
+    """Features that depend on the token's position: layout, gazetteer phrases, patterns, bigrams."""
+    gaz = _gazetteer()
+    places = _place_spans(toks, lows, text, gaz)
+    n = len(toks)
+    line_id, per_line = _line_layout(toks)
+    multi = bool(per_line)
     out: list[list[str]] = []
     for i, t in enumerate(toks):
         w = t.text
@@ -953,17 +961,8 @@ class _TokenTagger:
         flag = self._flag
         f_capmid, f_initial, f_bol, f_eol = flag["cap-mid"], flag["initial"], flag["bol"], flag["eol"]
         f_ml, f_first, f_gl, f_gr = flag["ml"], flag["first"], flag["glued-l"], flag["glued-r"]
-        line_id: list[int] = []
-        cur = -1
-        for t in toks:
-            if t.nl_before:
-                cur += 1
-            line_id.append(cur)
-        multi = cur > 0
-        per_line: dict[int, int] = {}
-        if multi:
-            for li in line_id:
-                per_line[li] = per_line.get(li, 0) + 1
+        line_id, per_line = _line_layout(toks)
+        multi = bool(per_line)
         any_pt = any(pattern_types)
         any_pl = any(places)
         sentinel = self._sentinel
