@@ -16,6 +16,12 @@ The traces carry no tool annotations (AgentDojo has none), so ztai infers them, 
 packaged default: no rule names a task, a tool or a template.
 
     python bench/agentdojo_replay.py [--data ../shared/data/agentdojo] [--keep DIR]
+    python bench/agentdojo_replay.py --injection-model off                 # the detector switched off
+    python bench/agentdojo_replay.py --injection-model /tmp/inj_noadj      # retrained without AgentDojo
+    python bench/agentdojo_replay.py --no-instruction-spans --suspicion 0.5   # other settings
+
+Without those options the replay runs the CLI on the shipped default; with any of them it runs the
+same code path in-process with those settings.
 """
 
 from __future__ import annotations
@@ -151,15 +157,20 @@ def main() -> None:
     parser.add_argument("--config", type=Path, help="ztai.yaml whose policies to use (default: packaged)")
     parser.add_argument(
         "--injection-model",
-        type=Path,
         help="replay in-process with this injection model directory instead of the shipped one (e.g. one "
-        "trained with `scripts/train_injection.py --exclude-folder agentdojo`, to hold AgentDojo apart)",
+        "trained with `scripts/train_injection.py --exclude-folder agentdojo`, to hold AgentDojo apart), "
+        "or `off`: no injection detector at all",
     )
+    parser.add_argument("--no-instruction-spans", action="store_true", help="agents.instruction_spans: false")
+    parser.add_argument("--suspicion", type=float, help="agents.suspicion_threshold")
     args = parser.parse_args()
     traces, meta = build_traces(args.data)
-    if args.injection_model:
+    if args.injection_model or args.no_instruction_spans or args.suspicion is not None:
+        overrides: dict[str, Any] = {"instruction_spans": not args.no_instruction_spans}
+        if args.suspicion is not None:
+            overrides["suspicion_threshold"] = args.suspicion
         started = time.perf_counter()
-        decisions = replay_in_process(traces, args.injection_model)
+        decisions = replay_in_process(traces, args.injection_model, overrides)
         report_results(decisions, meta, time.perf_counter() - started)
         return
     with tempfile.TemporaryDirectory() as scratch:
@@ -182,8 +193,11 @@ def main() -> None:
     report_results(decisions, meta, elapsed)
 
 
-def replay_in_process(traces: list[dict[str, Any]], model_dir: Path) -> list[dict[str, Any]]:
-    """The replay's own code path with another injection model (detector and suspicious windows)."""
+def replay_in_process(
+    traces: list[dict[str, Any]], model: str | None, agents: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The replay's own code path with other agent settings and another injection model (detector and
+    suspicious windows; `off`: none; None: the shipped one)."""
     import asyncio
 
     from ztai.agents.guard import AgentGuard
@@ -197,12 +211,16 @@ def replay_in_process(traces: list[dict[str, Any]], model_dir: Path) -> list[dic
     async def discard(_event: dict[str, Any]) -> None:
         return None
 
-    settings = Settings()
+    settings = Settings(agents=agents)
     guard = AgentGuard.build(settings, PolicyEngine(DEFAULTS_DIR), discard, b"bench")
-    model = InjectionModel.load(model_dir)
-    guard.injection = model
     others = [d for d in guard.inspector.detectors if d.name != "injection"]
-    guard.inspector = Inspector([], detectors=[InjectionDetector(model), *others])
+    if model == "off":
+        guard.injection = None
+        guard.inspector = Inspector([], detectors=others)
+    elif model is not None:
+        loaded = InjectionModel.load(Path(model))
+        guard.injection = loaded
+        guard.inspector = Inspector([], detectors=[InjectionDetector(loaded), *others])
 
     async def run() -> list[dict[str, Any]]:
         lines = [json.dumps(t) for t in traces]
@@ -228,6 +246,11 @@ def report_results(decisions: list[dict[str, Any]], meta: dict[str, dict[str, An
     )
     for name, value in report["summary"].items():
         print(f"{name:42s} {100 * value['rate']:6.2f}%  (n={value['n']})")
+    for template in sorted({m["template"] for m in meta.values() if m["kind"] == "attacked"}):
+        caught = report["summary"][f"security/template/{template}"]["rate"]
+        print(
+            f"template {template:32s} security {100 * caught:6.2f}%  target >= 99%: {'PASS' if caught >= 0.99 else 'MISS'}"
+        )
     print("effects:", report["effects"])
     print("clean traces not auto-allowed:", report["blocked_clean"])
     print(f"attacked traces missed ({len(report['missed'])}):", report["missed"][:20])

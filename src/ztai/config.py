@@ -226,9 +226,13 @@ class AgentSettings(_Section):
     max_delegation_depth: int = Field(4, ge=1, le=16)
     approval_ttl_seconds: int = Field(3600, ge=1)
     # Injection probability from which a window of untrusted content counts as suspicious for value
-    # provenance (context.tool.args_from_suspicious). The session-level flag uses the detector's own
-    # calibrated threshold.
-    suspicion_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    # provenance (context.tool.args_from_suspicious); unset: the detector's own calibrated flag threshold
+    # (the instruction spans below carry the defence; a lower value trades utility for nothing measured).
+    suspicion_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    # Values inside instruction-like sentences of untrusted content ("send ... to X", "you must ...") count
+    # as suspicious too, without any model (ztai.detect.instructions): the defence that holds when the
+    # injection detector does not recognise the text.
+    instruction_spans: bool = True
     session_ttl_seconds: int = Field(7200, ge=60)
     max_session_values: int = Field(50_000, ge=100)
     mcp_servers: dict[str, McpServerSettings] = {}

@@ -70,6 +70,13 @@ _SENSITIVE_NAME = re.compile(
     r"participants?|attendees?|member|members|owner|id|ids)($|_)",
     re.IGNORECASE,
 )
+# Arguments that carry free text a tool writes (a subject, a body): their words are the agent's to choose,
+# so value provenance checks only the entities in them (e-mails, URLs, IBANs), never the text as a value.
+_FREE_TEXT_NAME = re.compile(
+    r"(^|_)(subject|body|content|contents|text|message|description|title|note|notes|comment|comments|"
+    r"summary|caption|reason|details)($|_)",
+    re.IGNORECASE,
+)
 _SENSITIVE_FORMATS = frozenset({"email", "uri", "url", "hostname", "idn-email", "iri", "uri-reference"})
 
 
@@ -170,6 +177,11 @@ def _sensitive_arguments(
     if isinstance(declared, list):
         return tuple(sorted(str(a) for a in declared if isinstance(a, str)))
     return None
+
+
+def is_free_text_argument(argument: str) -> bool:
+    """Whether an argument's value is free text (by its name): a subject, a body, a description."""
+    return bool(_FREE_TEXT_NAME.search(argument))
 
 
 def _looks_sensitive(argument: str, spec: Any) -> bool:

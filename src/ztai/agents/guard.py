@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from ztai.agents.annotations import ToolProfile, tool_profile
+from ztai.agents.annotations import ToolProfile, is_free_text_argument, tool_profile
 from ztai.agents.approvals import ApprovalStore, call_hash, preview
 from ztai.agents.provenance import Digest, Observed, argument_values, observe_text
 from ztai.agents.session import (
@@ -267,24 +267,32 @@ class AgentGuard:
             return SessionState(), {"untrusted": [], "suspicious": [], "unseen": []}
         by_argument = argument_values(arguments)
         sensitive = set(profile.sensitive_arguments)
-        # Whole values of sensitive arguments; entities (e-mails, URLs, IBANs, phones) of every argument.
-        values = {
-            name: [keys for keys in groups if name in sensitive or not _is_word(keys)]
+        # Entities (e-mails, URLs, IBANs, phones) of every argument and whole values of sensitive ones are
+        # looked up for untrusted, suspicious and unseen sources; whole values of other arguments that are
+        # not free text (an amount, a password, a hotel) for suspicious ones too.
+        hashed = {
+            name: [
+                (self._digest(keys), name in sensitive or not _is_word(keys), _is_weak(keys))
+                for keys in groups
+                if name in sensitive or not _is_word(keys) or not is_free_text_argument(name)
+            ]
             for name, groups in by_argument.items()
         }
-        hashed = {name: [self._digest(keys) for keys in groups] for name, groups in values.items()}
-        every_key = {key for groups in hashed.values() for keys in groups for key in keys}
+        every_key = {key for groups in hashed.values() for keys, _, _ in groups for key in keys}
         state, seen = await self.sessions.lookup(principal.tenant, task.root, every_key)
         untrusted, suspicious, unseen = set(), set(), set()
         for name, groups in hashed.items():
-            for keys in groups:
+            for keys, tracked, weak in groups:
                 bits = 0
                 for key in keys:
                     bits |= seen.get(key, 0)
-                if bits & FLAG_TRUSTED:
-                    continue
-                if bits & FLAG_SUSPICIOUS:
+                # The user's request clears a value, except a short one (a number, a short word) that an
+                # instruction in untrusted content also names: "June 13" asked for does not make
+                # "delete file 13" asked for.
+                if bits & FLAG_SUSPICIOUS and not (bits & FLAG_TRUSTED and not weak):
                     suspicious.add(name)
+                if bits & FLAG_TRUSTED or not tracked:
+                    continue
                 if bits & FLAG_UNTRUSTED:
                     untrusted.add(name)
                 elif name in sensitive:
@@ -452,10 +460,20 @@ class AgentGuard:
             trusted=trusted,
             digest=self._digest,
             model=model,
-            suspicion=self.settings.suspicion_threshold,
+            suspicion=self._suspicion(detector, model),
             analysis=analysis,
+            instructions=self.settings.instruction_spans,
         )
         return inspection, observed
+
+    def _suspicion(self, detector: InjectionDetector | None, model: InjectionModel | None) -> float:
+        """The window probability from which values count as suspicious: configured, else the detector's
+        flag threshold."""
+        if self.settings.suspicion_threshold is not None:
+            return self.settings.suspicion_threshold
+        if detector is not None:
+            return detector.threshold
+        return model.threshold if model is not None else 1.0
 
     def _trusted_tool(self, server: str, tool: str) -> bool:
         server_settings = self.settings.mcp_servers.get(server)
@@ -470,6 +488,12 @@ _PROVENANCE_KEYS = ("args_from_untrusted", "args_from_suspicious", "args_unseen"
 
 def _is_word(keys: set[str]) -> bool:
     return all(key.startswith("w:") for key in keys)
+
+
+def _is_weak(keys: set[str]) -> bool:
+    """A value too short to be told apart from a coincidence: a number of up to 4 digits or one word
+    of up to 4 characters."""
+    return all(key.startswith("w:") and " " not in key and len(key) <= 2 + 4 for key in keys)
 
 
 def _cedar_value(value: Any, depth: int) -> Any:

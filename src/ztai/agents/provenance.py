@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ztai.detect.injection import Analysis, InjectionModel, window_scores
+from ztai.detect.instructions import instruction_texts, unescape
 
 MAX_TEXT = 200_000  # characters of one content item that are indexed
 MAX_NGRAM = 4  # word sequences up to this long are remembered as values
@@ -166,12 +167,22 @@ def observe_text(
     model: InjectionModel | None,
     suspicion: float,
     analysis: Analysis | None = None,
+    instructions: bool = True,
 ) -> Observed:
-    """Reduce a content item to hashed value keys; for untrusted content also mark the keys that occur in
-    windows whose injection probability reaches `suspicion`. `analysis`: the injection detector's
+    """Reduce a content item to hashed value keys; for untrusted content also mark as suspicious the keys
+    that occur in instruction-like sentences (`instructions`; `ztai.detect.instructions`, no model) and
+    in windows whose injection probability reaches `suspicion`. `analysis`: the injection detector's
     analysis of `text` when it already ran (its window scores are reused, not computed again)."""
     observed = Observed(values=digest(text_values(text)))
-    if trusted or model is None or not text.strip():
+    plain = unescape(text[:MAX_TEXT])
+    if plain != text[:MAX_TEXT]:  # serialized output: also the values as the model reads them
+        observed.values |= digest(text_values(plain))
+    if trusted or not text.strip():
+        return observed
+    if instructions:
+        for sentence in instruction_texts(text[:MAX_TEXT]):
+            observed.suspicious |= digest(text_values(sentence))
+    if model is None:
         return observed
     if analysis is not None:
         scores = analysis.window_probabilities(model)
