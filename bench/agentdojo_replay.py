@@ -163,14 +163,18 @@ def main() -> None:
     )
     parser.add_argument("--no-instruction-spans", action="store_true", help="agents.instruction_spans: false")
     parser.add_argument("--suspicion", type=float, help="agents.suspicion_threshold")
+    parser.add_argument(
+        "--extra-policy", type=Path, help="a Cedar file added to the packaged policies (e.g. docs/policies/)"
+    )
     args = parser.parse_args()
     traces, meta = build_traces(args.data)
-    if args.injection_model or args.no_instruction_spans or args.suspicion is not None:
+    in_process = args.injection_model or args.no_instruction_spans or args.extra_policy
+    if in_process or args.suspicion is not None:
         overrides: dict[str, Any] = {"instruction_spans": not args.no_instruction_spans}
         if args.suspicion is not None:
             overrides["suspicion_threshold"] = args.suspicion
         started = time.perf_counter()
-        decisions = replay_in_process(traces, args.injection_model, overrides)
+        decisions = replay_in_process(traces, args.injection_model, overrides, args.extra_policy)
         report_results(decisions, meta, time.perf_counter() - started)
         return
     with tempfile.TemporaryDirectory() as scratch:
@@ -194,11 +198,12 @@ def main() -> None:
 
 
 def replay_in_process(
-    traces: list[dict[str, Any]], model: str | None, agents: dict[str, Any]
+    traces: list[dict[str, Any]], model: str | None, agents: dict[str, Any], extra_policy: Path | None = None
 ) -> list[dict[str, Any]]:
-    """The replay's own code path with other agent settings and another injection model (detector and
-    suspicious windows; `off`: none; None: the shipped one)."""
+    """The replay's own code path with other agent settings, another injection model (detector and
+    suspicious windows; `off`: none; None: the shipped one) and optionally one more policy file."""
     import asyncio
+    import shutil
 
     from ztai.agents.guard import AgentGuard
     from ztai.agents.replay import replay_lines
@@ -212,7 +217,11 @@ def replay_in_process(
         return None
 
     settings = Settings(agents=agents)
-    guard = AgentGuard.build(settings, PolicyEngine(DEFAULTS_DIR), discard, b"bench")
+    policies = Path(tempfile.mkdtemp(prefix="ztai-bench-policies-"))
+    shutil.copytree(DEFAULTS_DIR, policies, dirs_exist_ok=True)
+    if extra_policy is not None:
+        shutil.copy(extra_policy, policies / f"extra-{extra_policy.name}")
+    guard = AgentGuard.build(settings, PolicyEngine(policies), discard, b"bench")
     others = [d for d in guard.inspector.detectors if d.name != "injection"]
     if model == "off":
         guard.injection = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -264,7 +265,7 @@ class AgentGuard:
         arguments: Mapping[str, Any],
     ) -> tuple[SessionState, dict[str, list[str]]]:
         if task is None:  # no session to look values up in
-            return SessionState(), {"untrusted": [], "suspicious": [], "unseen": []}
+            return SessionState(), {"action": [], "untrusted": [], "suspicious": [], "unseen": []}
         by_argument = argument_values(arguments)
         sensitive = set(profile.sensitive_arguments)
         # Entities (e-mails, URLs, IBANs, phones) of every argument and whole values of sensitive ones are
@@ -279,7 +280,8 @@ class AgentGuard:
             for name, groups in by_argument.items()
         }
         every_key = {key for groups in hashed.values() for keys, _, _ in groups for key in keys}
-        state, seen = await self.sessions.lookup(principal.tenant, task.root, every_key)
+        action_keys = self._digest(_action_words(profile.name))
+        state, seen = await self.sessions.lookup(principal.tenant, task.root, every_key | action_keys)
         untrusted, suspicious, unseen = set(), set(), set()
         for name, groups in hashed.items():
             for keys, tracked, weak in groups:
@@ -297,7 +299,12 @@ class AgentGuard:
                     untrusted.add(name)
                 elif name in sensitive:
                     unseen.add(name)
+        action_bits = [seen.get(key, 0) for key in action_keys]
+        instructed = any(b & FLAG_SUSPICIOUS for b in action_bits) and not any(
+            b & FLAG_TRUSTED for b in action_bits
+        )
         return state, {
+            "action": ["instructed"] if instructed else [],
             "untrusted": sorted(untrusted),
             "suspicious": sorted(suspicious),
             "unseen": sorted(unseen),
@@ -339,6 +346,7 @@ class AgentGuard:
             "args_from_untrusted": provenance["untrusted"],
             "args_from_suspicious": provenance["suspicious"],
             "args_unseen": provenance["unseen"],
+            "action_from_suspicious": bool(provenance["action"]),
             "egress_hosts": sorted(url_hosts(arguments)),
         }
         context["input"] = _cedar_value(dict(arguments), 0)
@@ -483,11 +491,27 @@ class AgentGuard:
         return not profile.open_world and "open_world" not in profile.inferred
 
 
-_PROVENANCE_KEYS = ("args_from_untrusted", "args_from_suspicious", "args_unseen", "egress_hosts")
+_PROVENANCE_KEYS = (
+    "args_from_untrusted",
+    "args_from_suspicious",
+    "args_unseen",
+    "action_from_suspicious",
+    "egress_hosts",
+)
 
 
 def _is_word(keys: set[str]) -> bool:
     return all(key.startswith("w:") for key in keys)
+
+
+_NAME_PARTS = re.compile(r"[A-Za-z][a-z]+|[A-Z]+(?![a-z])")
+_NAME_STOPWORDS = frozenset({"the", "and", "for", "from", "with", "all", "new", "api", "tool", "via"})
+
+
+def _action_words(tool: str) -> set[str]:
+    """Value keys of the words of a tool's name (`create_calendar_event`: create, calendar, event)."""
+    words = {w.lower() for w in _NAME_PARTS.findall(tool[:128])}
+    return {"w:" + w for w in words if len(w) >= 3 and w not in _NAME_STOPWORDS}
 
 
 def _is_weak(keys: set[str]) -> bool:

@@ -52,6 +52,7 @@ def default_context() -> dict[str, Any]:
             "args_from_untrusted": [],
             "args_from_suspicious": [],
             "args_unseen": [],
+            "action_from_suspicious": False,
             "egress_hosts": [],
         },
         "exchange": {
