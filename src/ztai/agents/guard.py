@@ -215,7 +215,9 @@ class AgentGuard:
         context["tool"]["granted"] = not problems
         decision = self._decide(principal, task, server, tool, context)
         reasons = [*decision.reasons, *problems, *profile.reasons()]
-        effect: str = decision.effect
+        # The grant is final: a call outside it is denied whatever policy says, and no approval (not
+        # even one already given for this exact call) is looked up or consumed for it.
+        effect: str = "deny" if problems else decision.effect
         approval_id: str | None = None
         decision_id = new_event_id("dec")
         hashed_call = self.call_hash(server, tool, arguments)
