@@ -101,13 +101,13 @@ def test_an_approval_for_the_exact_call_is_never_consumed_outside_the_grant(
 
 
 def test_an_operator_permit_of_everything_does_not_open_ungranted_tools(tmp_path: Path) -> None:
-    guard = guard_with(
-        policies(tmp_path, 'permit (principal, action == Action::"tool.call", resource);\n')
-    )
+    guard = guard_with(policies(tmp_path, 'permit (principal, action == Action::"tool.call", resource);\n'))
     principal = task_principal(GRANT)
     tool, arguments = UNGRANTED
     decision = run(guard.authorize(principal, "mail", tool, arguments, route="t"))
-    assert decision.effect == "deny" and "tool mail/get_webpage is not granted to this task" in decision.reasons
+    assert (
+        decision.effect == "deny" and "tool mail/get_webpage is not granted to this task" in decision.reasons
+    )
     assert run(guard.authorize(principal, "mail", *WITHIN, route="t")).effect == "allow"
 
 
