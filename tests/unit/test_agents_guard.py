@@ -409,9 +409,11 @@ def test_session_stores_agree(kind: str) -> None:
         assert state.untrusted_sources == {"mcp:m/read"}
         other, none = await store.lookup("other-tenant", session, {b"a" * 8})
         assert not other.tainted and none == {}
-        totals = await store.count_call("t", (session, session + "x"))
-        totals = await store.count_call("t", (session, session + "x"))
-        assert totals == {session: 2, session + "x": 2}
+        chain = ((session, 2), (session + "x", None))
+        assert [await store.spend_call("t", chain) for _ in range(3)] == [None, None, session]
+        assert await store.spend_call("t", ((session + "x", 3),)) is None  # the refusal counted nowhere
+        assert await store.spend_call("t", ((session + "x", 3),)) == session + "x"
+        assert (await store.lookup("t", session, set()))[0].calls == 2  # the root session's calls
         await store.close()
 
     run(scenario())

@@ -10,7 +10,7 @@ import pytest
 
 from ztai.errors import PolicyError
 from ztai.policy import PolicyEngine, merge_context, model_entities, principal_request
-from ztai.policy.engine import DEFAULTS_DIR, _explain
+from ztai.policy.engine import DEFAULTS_DIR, Decision, _explain
 from ztai.policy.testing import run_file
 
 ALICE = "spiffe://example.org/user/alice"
@@ -59,7 +59,62 @@ def test_plain_forbid_beats_step_up(engine: PolicyEngine, policy_dir: Path) -> N
     engine.reload()
     decision = chat(engine, ["gpt"], model="gpt", risk_score=95)
     assert decision.effect == "deny"  # type: ignore[attr-defined]
-    assert set(decision.reasons) == {"no-gpt", "step-up-on-high-risk"}  # type: ignore[attr-defined]
+    assert decision.reasons == ["no-gpt"]  # type: ignore[attr-defined]  (the forbid that decided)
+
+
+def tool_call(engine: PolicyEngine, **context: object) -> Decision:
+    request = principal_request(
+        "spiffe://example.org/agent/bot", "agent", "tool.call", "Tool", "mail/send", merge_context(context)
+    )
+    return engine.decide(request)
+
+
+FLAGGED_SIDE_EFFECT = {"session": {"flagged": True}, "tool": {"read_only": False}}
+
+
+def test_soft_forbid_without_a_permit_is_a_default_deny(engine: PolicyEngine) -> None:
+    # The attack: an ungranted call after an injection must not become a hold an approval releases.
+    ungranted = tool_call(engine, **FLAGGED_SIDE_EFFECT)
+    assert ungranted.effect == "deny"
+    assert ungranted.reasons == ["approve-side-effects-after-injection", "default-deny"]
+    stepped = chat(engine, ["other"], risk_score=95)  # high risk, model not listed: no step-up offered
+    assert (stepped.effect, stepped.reasons) == ("deny", ["step-up-on-high-risk", "default-deny"])  # type: ignore[attr-defined]
+
+
+def test_soft_forbid_with_a_permit_softens_it(engine: PolicyEngine) -> None:
+    granted = {**FLAGGED_SIDE_EFFECT, "tool": {"read_only": False, "granted": True}}
+    held = tool_call(engine, **granted)
+    assert (held.effect, held.reasons) == ("require_approval", ["approve-side-effects-after-injection"])
+    assert tool_call(engine, tool={"read_only": False, "granted": True}).effect == "allow"
+    assert chat(engine, ["mock"], risk_score=95).effect == "step_up"  # type: ignore[attr-defined]
+
+
+def test_strongest_soft_effect_wins_and_every_action_is_covered(
+    engine: PolicyEngine, policy_dir: Path
+) -> None:
+    (policy_dir / "extra.cedar").write_text(
+        '@id("hold-admin")\n@effect("require_approval")\n'
+        'forbid (principal, action == Action::"admin", resource);\n'
+    )
+    engine.reload()
+    granted = {**FLAGGED_SIDE_EFFECT, "tool": {"read_only": False, "granted": True}, "risk_score": 95}
+    both = tool_call(engine, **granted)
+    assert both.effect == "require_approval"
+    assert set(both.reasons) == {"approve-side-effects-after-injection", "step-up-on-high-risk"}
+    admin = principal_request(ALICE, "user", "admin", "AdminApi", "approvals", merge_context({}))
+    assert engine.decide(admin).effect == "deny"  # no admin role: the hold does not apply
+    context = merge_context({"token": {"roles": ["admin"]}})
+    admin = principal_request(ALICE, "user", "admin", "AdminApi", "approvals", context)
+    assert engine.decide(admin).effect == "require_approval"
+    assert engine.decide_many([admin])[0].effect == "require_approval"
+
+
+def test_effect_annotation_only_on_forbids(engine: PolicyEngine, policy_dir: Path) -> None:
+    (policy_dir / "extra.cedar").write_text(
+        '@id("odd")\n@effect("require_approval")\npermit (principal, action == Action::"embed", resource);\n'
+    )
+    with pytest.raises(PolicyError, match="odd: @effect is only allowed on a forbid"):
+        engine.reload()
 
 
 def test_obligations_come_from_permit_annotations(engine: PolicyEngine, policy_dir: Path) -> None:

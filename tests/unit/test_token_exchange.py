@@ -259,6 +259,18 @@ def test_delegation_intersects_the_parent_grant(world: World) -> None:
     assert decision["effect"] == "allow" and decision["resource"] == f"Agent::{WORKER}"
 
 
+def test_sub_task_tokens_carry_their_ancestors_budgets(world: World) -> None:
+    parent = root_task(world)  # budget: 10 calls, 5000 tokens
+    assert "ancestor_budgets" not in world.verifier.verify(parent.token.token).claims
+    child = world.run(parent.token.token, world.token(WORKER), {"budget": {"calls": 5}})
+    grandchild = world.run(child.token.token, world.token(HELPER), {})
+    claims = world.verifier.verify(grandchild.token.token).claims
+    assert claims["ancestor_budgets"] == [{"calls": 10, "tokens": 5000}, {"calls": 5, "tokens": 5000}]
+    task = world.task_of(grandchild.token.token)
+    ids = (parent.task.task_id, child.task.task_id, grandchild.task.task_id)
+    assert task.chain_limits("calls") == tuple(zip(ids, (10, 5, 5), strict=True))
+
+
 def test_delegation_without_details_inherits_everything(world: World) -> None:
     parent = root_task(world)
     child = world.run(parent.token.token, world.token(WORKER))
@@ -321,7 +333,7 @@ def test_revoked_parent_task_refuses_the_child_exchange(world: World) -> None:
 
 # Forged or widened act chains ------------------------------------------------------------------------------
 def test_task_claims_cannot_be_minted_by_token_issue(world: World) -> None:
-    for claim in ("act", "task", "task_chain", "egress", "budget", "constraints"):
+    for claim in ("act", "task", "task_chain", "egress", "budget", "constraints", "ancestor_budgets"):
         with pytest.raises(MalformedRequest):
             parse_claims([f"{claim}=spiffe://example.org/agent/evil"])
         with pytest.raises(MalformedRequest):

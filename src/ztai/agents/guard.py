@@ -150,7 +150,9 @@ class AgentGuard:
         extra: list[Detector] = [canaries] if canaries is not None else []
         inspector = Inspector([], detectors=[*inspector.detectors, *extra])
         store = sessions or MemorySessionStore(
-            ttl_seconds=agents.session_ttl_seconds, max_values=agents.max_session_values
+            ttl_seconds=agents.session_ttl_seconds,
+            max_values=agents.max_session_values,
+            count_ttl_seconds=agents.max_task_ttl_seconds,
         )
         return cls(
             agents,
@@ -216,7 +218,9 @@ class AgentGuard:
         context["tool"]["granted"] = not problems
         decision = self._decide(principal, task, server, tool, context)
         reasons = [*decision.reasons, *problems, *profile.reasons()]
-        effect: str = decision.effect
+        # The grant is final: a call outside it is denied whatever policy says, and no approval (not
+        # even one already given for this exact call) is looked up or consumed for it.
+        effect: str = "deny" if problems else decision.effect
         approval_id: str | None = None
         decision_id = new_event_id("dec")
         hashed_call = self.call_hash(server, tool, arguments)
@@ -400,11 +404,16 @@ class AgentGuard:
         return "require_approval", str(approval.id), reasons
 
     async def _spend_budget(self, tenant: str, task: TaskClaims) -> str | None:
-        limit = task.grant.budget.get("calls")
-        totals = await self.sessions.count_call(tenant, task.chain)
-        if limit is not None and totals.get(task.task_id, 0) > limit:
-            return f"call budget of task {task.task_id} exhausted ({limit} calls)"
-        return None
+        """Count the call against the task and every ancestor (a parent's budget covers all its
+        descendants); the reason it is refused, if some task of the chain has none left."""
+        limits = task.chain_limits("calls")
+        exhausted = await self.sessions.spend_call(tenant, limits)
+        if exhausted is None:
+            return None
+        limit = dict(limits)[exhausted]
+        if exhausted == task.task_id:
+            return f"call budget of task {exhausted} exhausted ({limit} calls)"
+        return f"call budget of ancestor task {exhausted} exhausted ({limit} calls, shared by its sub-tasks)"
 
     # Observe --------------------------------------------------------------------------------------------
     async def observe(

@@ -3,6 +3,11 @@
 A session belongs to a task tree (the root task id): a sub-agent inherits what its parent has read, and
 what it reads taints the whole tree. Two stores with one interface: in-process (one gateway process) and
 Redis (several replicas share the state; correctness must not depend on one process's memory).
+
+Call budgets cover the chain: each task has a counter of the calls made by it and all its descendants,
+and a call is counted only when every task of its chain (root first) stays within its own limit — checked
+and counted in one step (no await in memory, one Lua script in Redis), so concurrent calls from any
+number of sub-agents and replicas never exceed a parent's limit, and a refused call counts nowhere.
 """
 
 from __future__ import annotations
@@ -10,12 +15,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ztai.agents.provenance import Observed
 
 FLAG_TRUSTED, FLAG_UNTRUSTED, FLAG_SUSPICIOUS = 1, 2, 4
+# (task id, that task's call limit or None for unlimited) for every task of a chain, root first.
+ChainLimits = Sequence[tuple[str, int | None]]
 
 
 @dataclass
@@ -49,8 +57,10 @@ class SessionStore(Protocol):
         """The session's state and, for each key, FLAG_* bits of where it was seen (absent: nowhere)."""
         ...
 
-    async def count_call(self, tenant: str, tasks: tuple[str, ...]) -> dict[str, int]:
-        """Count one tool call against every task in the chain; returns each task's total."""
+    async def spend_call(self, tenant: str, chain: ChainLimits) -> str | None:
+        """Count one tool call against every task of `chain` (root first) if each task's total, its
+        descendants' calls included, stays within its limit; atomically. None: counted. Otherwise the id
+        of the first task whose limit is reached, and nothing is counted."""
         ...
 
     async def close(self) -> None: ...
@@ -68,11 +78,18 @@ class MemorySessionStore:
     idle ones expire, and one session remembers at most `max_values` value keys."""
 
     def __init__(
-        self, *, ttl_seconds: float = 7200, max_sessions: int = 10_000, max_values: int = 50_000
+        self,
+        *,
+        ttl_seconds: float = 7200,
+        max_sessions: int = 10_000,
+        max_values: int = 50_000,
+        count_ttl_seconds: float | None = None,
     ) -> None:
         self._sessions: OrderedDict[tuple[str, str], _Session] = OrderedDict()
         self._calls: dict[tuple[str, str], tuple[int, float]] = {}
         self._ttl = ttl_seconds
+        # Call counters must outlive every token of their task (see RedisSessionStore).
+        self._count_ttl = max(ttl_seconds, count_ttl_seconds or 0)
         self._max_sessions = max_sessions
         self._max_values = max_values
 
@@ -115,20 +132,25 @@ class MemorySessionStore:
         entry = self._get(tenant, session)
         return entry.state, {k: entry.values[k] for k in keys if k in entry.values}
 
-    async def count_call(self, tenant: str, tasks: tuple[str, ...]) -> dict[str, int]:
+    async def spend_call(self, tenant: str, chain: ChainLimits) -> str | None:
+        # No await from the check to the last increment: atomic among the coroutines of this process.
         now = time.monotonic()
-        totals: dict[str, int] = {}
-        for task in tasks:
-            count, _ = self._calls.get((tenant, task), (0, now))
+        counts = [self._count(tenant, task, now) for task, _ in chain]
+        for (task, limit), count in zip(chain, counts, strict=True):
+            if limit is not None and count + 1 > limit:
+                return task
+        for (task, _), count in zip(chain, counts, strict=True):
             self._calls[(tenant, task)] = (count + 1, now)
-            totals[task] = count + 1
         if len(self._calls) > 4 * self._max_sessions:
-            for key in [k for k, (_, seen) in self._calls.items() if now - seen > self._ttl]:
+            for key in [k for k, (_, seen) in self._calls.items() if now - seen > self._count_ttl]:
                 del self._calls[key]
-        entry = self._get(tenant, tasks[0]) if tasks else None
-        if entry is not None:
-            entry.state.calls += 1
-        return totals
+        if chain:
+            self._get(tenant, chain[0][0]).state.calls += 1
+        return None
+
+    def _count(self, tenant: str, task: str, now: float) -> int:
+        count, seen = self._calls.get((tenant, task), (0, now))
+        return count if now - seen <= self._count_ttl else 0
 
     async def close(self) -> None:
         self._sessions.clear()
@@ -137,7 +159,9 @@ class MemorySessionStore:
 class RedisSessionStore:
     """Sessions in Redis, shared by every replica. Keys: `ztai:s:<tenant>:<session>:v` (hash: value key →
     FLAG bits, OR-ed atomically in a Lua script), `...:m` (hash: state), `...:src` (set), and
-    `ztai:c:<tenant>:<task>` (call counters). Everything expires `ttl_seconds` after the last write."""
+    `ztai:c:<tenant>:<task>` (call counters: the task's calls and its descendants'). Everything expires
+    `ttl_seconds` after the last write; counters no sooner than `count_ttl_seconds` (the longest task
+    lifetime), so a budget is never forgotten while a token of its task is still valid."""
 
     _RECORD = """
 local flags = tonumber(ARGV[1])
@@ -156,11 +180,39 @@ redis.call('EXPIRE', KEYS[1], ttl)
 return size
 """
 
-    def __init__(self, client: Any, *, ttl_seconds: int = 7200, max_values: int = 50_000) -> None:
+    # KEYS[1]: the root session's state hash; KEYS[2..]: the chain's counters, root first; ARGV[1]: the
+    # state's ttl, ARGV[2]: the counters' ttl, ARGV[3..]: each counter's limit (-1: none). Returns 0 when
+    # counted, else the (1-based) position in the chain of the first task whose limit is reached.
+    _SPEND = """
+for i = 2, #KEYS do
+  local limit = tonumber(ARGV[i + 1])
+  if limit >= 0 and tonumber(redis.call('GET', KEYS[i]) or '0') + 1 > limit then
+    return i - 1
+  end
+end
+for i = 2, #KEYS do
+  redis.call('INCR', KEYS[i])
+  redis.call('EXPIRE', KEYS[i], ARGV[2])
+end
+redis.call('HINCRBY', KEYS[1], 'calls', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 0
+"""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        ttl_seconds: int = 7200,
+        max_values: int = 50_000,
+        count_ttl_seconds: int | None = None,
+    ) -> None:
         self._redis = client
         self._ttl = int(ttl_seconds)
+        self._count_ttl = max(self._ttl, int(count_ttl_seconds or 0))
         self._max_values = max_values
         self._script = client.register_script(self._RECORD)
+        self._spend = client.register_script(self._SPEND)
 
     @staticmethod
     def _key(tenant: str, session: str) -> str:
@@ -228,16 +280,13 @@ return size
                     found[key] = int(value)
         return state, found
 
-    async def count_call(self, tenant: str, tasks: tuple[str, ...]) -> dict[str, int]:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            for task in tasks:
-                pipe.incr(f"ztai:c:{tenant}:{task}")
-                pipe.expire(f"ztai:c:{tenant}:{task}", self._ttl)
-            if tasks:
-                pipe.hincrby(self._key(tenant, tasks[0]) + ":m", "calls", 1)
-                pipe.expire(self._key(tenant, tasks[0]) + ":m", self._ttl)
-            results = await pipe.execute()
-        return {task: int(results[2 * i]) for i, task in enumerate(tasks)}
+    async def spend_call(self, tenant: str, chain: ChainLimits) -> str | None:
+        if not chain:
+            return None
+        keys = [self._key(tenant, chain[0][0]) + ":m", *(f"ztai:c:{tenant}:{task}" for task, _ in chain)]
+        limits = [-1 if limit is None else int(limit) for _, limit in chain]
+        refused = int(await self._spend(keys=keys, args=[self._ttl, self._count_ttl, *limits]))
+        return chain[refused - 1][0] if refused else None
 
     async def close(self) -> None:
         await asyncio.shield(self._redis.aclose())

@@ -88,8 +88,13 @@ def _session_store(settings: Settings) -> SessionStore:
             async_client(settings.store.redis_url),
             ttl_seconds=agents.session_ttl_seconds,
             max_values=agents.max_session_values,
+            count_ttl_seconds=agents.max_task_ttl_seconds,
         )
-    return MemorySessionStore(ttl_seconds=agents.session_ttl_seconds, max_values=agents.max_session_values)
+    return MemorySessionStore(
+        ttl_seconds=agents.session_ttl_seconds,
+        max_values=agents.max_session_values,
+        count_ttl_seconds=agents.max_task_ttl_seconds,
+    )
 
 
 @dataclass

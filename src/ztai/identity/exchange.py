@@ -322,6 +322,7 @@ class TokenExchange:
             subject=parties.subject.spiffe_id,
             actors=(parties.actor.spiffe_id, *(parent.actors if parent else ())),
             grant=grant,
+            ancestor_budgets=(*parent.ancestor_budgets, dict(parent.grant.budget)) if parent else (),
         )
         return ExchangePlan(parties, task, ttl, issued_at, tuple(unlisted_tools(grant.tools, listed)))
 
@@ -355,6 +356,8 @@ class TokenExchange:
         task_part.update(
             {"task": task.task_id, "task_chain": list(task.chain), "act": act_claim(task.actors)}
         )
+        if task.ancestor_budgets:  # a parent's budget bounds the calls of all its descendants
+            task_part["ancestor_budgets"] = [dict(budget) for budget in task.ancestor_budgets]
         issued = issue_token(
             self._keys,
             subject=task.subject,

@@ -6,7 +6,12 @@ earlier actor nested inside). It also carries:
 
 - `task`: this task's id; `task_chain`: the ids from the root task down to this one (revoking any of them
   revokes this token);
-- the grant (`ztai.agents.grants.TaskGrant`): `tools`, `constraints`, `egress`, `budget`.
+- the grant (`ztai.agents.grants.TaskGrant`): `tools`, `constraints`, `egress`, `budget`;
+- `ancestor_budgets`: the budgets of the tasks above this one (root first, one per `task_chain` entry
+  before this task's own). A parent's budget bounds the sum over all its descendants, so every call is
+  counted against each of them. Sub-task tokens issued before this claim existed lack it: each ancestor
+  is then held to this task's own budget, never looser than its real one (a sub-task's budget is at most
+  its parent's).
 
 Only ztai's own issuer can mint these claims (they are reserved in `issue_token`'s custom claims), and a
 token from any other issuer that carries them is not a task token.
@@ -19,11 +24,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ztai.errors import AuthenticationError
-from ztai.identity.grants import TaskGrant
+from ztai.identity.grants import BUDGET_KINDS, TaskGrant
 from ztai.identity.spiffe_ids import parse_spiffe_id
-from ztai.identity.tokens import Principal
+from ztai.identity.tokens import TASK_CLAIM_NAMES, Principal
 
-TASK_CLAIMS = frozenset({"task", "task_chain", "act", "constraints", "egress", "budget"})
+TASK_CLAIMS = TASK_CLAIM_NAMES
 TASK_ID = re.compile(r"^tsk_[0-9a-f]{8,64}$")
 
 
@@ -36,6 +41,7 @@ class TaskClaims:
     subject: str  # on whose behalf (the token's sub)
     actors: tuple[str, ...]  # the act chain, current actor first
     grant: TaskGrant
+    ancestor_budgets: tuple[dict[str, int], ...] = ()  # the budgets of chain[:-1], root first
 
     @property
     def actor(self) -> str:
@@ -48,6 +54,11 @@ class TaskClaims:
     @property
     def root(self) -> str:
         return self.chain[0]
+
+    def chain_limits(self, kind: str) -> tuple[tuple[str, int | None], ...]:
+        """(task id, its `kind` budget or None) for every task of the chain, root first."""
+        budgets = (*self.ancestor_budgets, self.grant.budget)
+        return tuple((task, budget.get(kind)) for task, budget in zip(self.chain, budgets, strict=True))
 
     def context(self) -> dict[str, Any]:
         """`context.delegation` for a request made within this task."""
@@ -95,4 +106,21 @@ def task_claims(principal: Principal, own_issuer: str) -> TaskClaims | None:
     actors = act_chain(claims.get("act"))
     if len(actors) != len(chain):
         raise AuthenticationError("act chain and task chain disagree", code="invalid_token")
-    return TaskClaims(task_id, tuple(chain), principal.spiffe_id, actors, TaskGrant.from_claims(claims))
+    grant = TaskGrant.from_claims(claims)
+    ancestors = _ancestor_budgets(claims.get("ancestor_budgets"), len(chain) - 1, grant)
+    return TaskClaims(task_id, tuple(chain), principal.spiffe_id, actors, grant, ancestors)
+
+
+def _ancestor_budgets(claim: Any, count: int, grant: TaskGrant) -> tuple[dict[str, int], ...]:
+    if claim is None:  # a token from before the claim: this task's budget bounds every ancestor
+        return tuple(dict(grant.budget) for _ in range(count))
+    if not isinstance(claim, list) or len(claim) != count:
+        raise AuthenticationError("malformed ancestor_budgets claim", code="invalid_token")
+    budgets = []
+    for budget in claim:
+        if not isinstance(budget, dict) or set(budget) - set(BUDGET_KINDS):
+            raise AuthenticationError("malformed ancestor_budgets claim", code="invalid_token")
+        if not all(type(v) is int and v > 0 for v in budget.values()):
+            raise AuthenticationError("malformed ancestor_budgets claim", code="invalid_token")
+        budgets.append(dict(budget))
+    return tuple(budgets)

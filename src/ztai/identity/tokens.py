@@ -14,7 +14,9 @@ from ztai.identity.keys import KeyStore
 from ztai.identity.spiffe_ids import parse_spiffe_id
 
 # Set by ztai only: the registered claims, and the task claims a token exchange adds (task_tokens.py).
-TASK_CLAIM_NAMES = frozenset({"task", "task_chain", "act", "constraints", "egress", "budget"})
+TASK_CLAIM_NAMES = frozenset(
+    {"task", "task_chain", "act", "constraints", "egress", "budget", "ancestor_budgets"}
+)
 RESERVED_CLAIMS = (
     frozenset({"iss", "sub", "aud", "exp", "iat", "nbf", "jti", "kind", "tenant"}) | TASK_CLAIM_NAMES
 )

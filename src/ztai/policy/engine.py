@@ -5,6 +5,11 @@ schema; a reload that fails leaves the previous set active. Annotations give zta
 `@id("...")` names a policy in reasons, `@effect("step_up")` or `@effect("require_approval")` on a forbid
 turns its denial into a step-up or a hold for human approval, and `@obligation("...")` on a permit adds an
 obligation to the allow (`@obligation("require_approval")` holds the call, like the forbid form).
+
+A soft forbid (`@effect`) only softens what some permit allows: it never turns a default deny into a
+step-up or a hold, so no approval can release a request that no permit covers. To decide that in one Cedar
+evaluation, the parsed set holds each soft forbid as a permit with the same scope and conditions, and
+`_explain` tells the two kinds of satisfied permits apart by id.
 """
 
 from __future__ import annotations
@@ -84,6 +89,8 @@ class PolicyBundle:
     # The top-level context attributes any policy reads (None: some policy uses `context` as a whole).
     # Cedar's cost grows with the context it parses, and its result can depend only on these.
     context_keys: frozenset[str] | None = None
+    # Parser ids of the soft forbids, which `policies` holds as permits (see the module docstring).
+    soft: frozenset[str] = frozenset()
 
 
 def load_bundle(policy_dir: Path, extra_entities: list[dict[str, Any]] | None = None) -> PolicyBundle:
@@ -95,6 +102,7 @@ def load_bundle(policy_dir: Path, extra_entities: list[dict[str, Any]] | None = 
     texts: list[str] = []
     names: dict[str, str] = {}
     annotations: dict[str, dict[str, str]] = {}
+    evaluated: dict[str, Any] = {}  # parser id -> policy (Cedar JSON), soft forbids turned permits
     context_keys: set[str] | None = set()
     digest = hashlib.sha256(schema_text.encode())
     for path in files:
@@ -109,6 +117,7 @@ def load_bundle(policy_dir: Path, extra_entities: list[dict[str, Any]] | None = 
             notes = dict(policy.get("annotations") or {})
             names[generated] = notes.get("id") or f"{path.stem}:{index}"
             annotations[generated] = notes
+            evaluated[generated] = _as_evaluated(policy, f"{path.name}: {names[generated]}")
             read = _context_attributes(policy)
             context_keys = None if read is None or context_keys is None else context_keys | read
         texts.append(text)
@@ -121,7 +130,9 @@ def load_bundle(policy_dir: Path, extra_entities: list[dict[str, Any]] | None = 
     if duplicates:
         raise PolicyError(f"duplicate policy ids: {', '.join(sorted(duplicates))}")
     try:
-        policies = cedarpy.PolicySet.from_str(combined)
+        policies = cedarpy.PolicySet.from_json_str(
+            orjson.dumps({"staticPolicies": evaluated, "templates": {}, "templateLinks": []}).decode()
+        )
         entities = cedarpy.Entities.from_json_str(orjson.dumps(extra_entities or []).decode(), schema_text)
     except ValueError as exc:
         raise PolicyError(str(exc)) from None
@@ -133,7 +144,24 @@ def load_bundle(policy_dir: Path, extra_entities: list[dict[str, Any]] | None = 
         digest.hexdigest()[:16],
         [p.name for p in files],
         frozenset(context_keys) if context_keys is not None else None,
+        frozenset(key for key, policy in evaluated.items() if _is_soft(policy)),
     )
+
+
+def _is_soft(policy: dict[str, Any]) -> bool:
+    """A forbid whose `@effect` softens its denial (to step-up or a hold)."""
+    return (policy.get("annotations") or {}).get("effect") in SOFT_EFFECTS
+
+
+def _as_evaluated(policy: dict[str, Any], where: str) -> dict[str, Any]:
+    """The policy as the bundle evaluates it: a soft forbid becomes a permit of the same scope and
+    conditions, so Cedar reports it among the satisfied permits instead of denying."""
+    if policy.get("effect") == "forbid" and _is_soft(policy):
+        return {**policy, "effect": "permit"}
+    if policy.get("effect") == "permit" and _is_soft(policy):
+        # `@effect` belongs on forbids; on a permit it would be mistaken for a soft forbid.
+        raise PolicyError(f"{where}: @effect is only allowed on a forbid (a permit takes @obligation)")
+    return policy
 
 
 def _context_attributes(node: Any) -> set[str] | None:
@@ -204,25 +232,23 @@ def _explain(result: Any, bundle: PolicyBundle) -> Decision:
     if errors:
         # Cedar skips a policy that errors, which could drop a forbid: fail closed instead.
         return Decision("deny", reasons or ["policy-evaluation-error"], errors, [], bundle.revision)
-    if result.allowed:
-        obligations = sorted(
-            {
-                bundle.annotations[r]["obligation"]
-                for r in diagnostics.reasons
-                if "obligation" in bundle.annotations[r]
-            }
-        )
-        effect: Effect = "allow_with_obligations" if obligations else "allow"
-        if "require_approval" in obligations:
-            effect = "require_approval"
-        return Decision(effect, reasons, [], obligations, bundle.revision)
-    if not reasons:
-        return Decision("deny", [DEFAULT_DENY], [], [], bundle.revision)
-    soft: list[Effect] = []
-    for reason in diagnostics.reasons:
-        matching = [e for e in SOFT_EFFECTS if e == bundle.annotations[reason].get("effect")]
-        if not matching:
-            return Decision("deny", reasons, [], [], bundle.revision)
-        soft.append(matching[0])
-    strongest = max(soft, key=SOFT_EFFECTS.index)
-    return Decision(strongest, reasons, [], [], bundle.revision)
+    if not result.allowed:  # a plain forbid matched, or nothing did
+        return Decision("deny", reasons or [DEFAULT_DENY], [], [], bundle.revision)
+    soft = [r for r in diagnostics.reasons if r in bundle.soft]
+    permits = [r for r in diagnostics.reasons if r not in bundle.soft]
+    if not permits:  # only soft forbids matched: they soften a permit, and there is none
+        return Decision("deny", [*_named(soft, bundle), DEFAULT_DENY], [], [], bundle.revision)
+    if soft:
+        strongest = max((bundle.annotations[r]["effect"] for r in soft), key=SOFT_EFFECTS.index)
+        return Decision(strongest, _named(soft, bundle), [], [], bundle.revision)  # type: ignore[arg-type]
+    obligations = sorted(
+        {bundle.annotations[r]["obligation"] for r in permits if "obligation" in bundle.annotations[r]}
+    )
+    effect: Effect = "allow_with_obligations" if obligations else "allow"
+    if "require_approval" in obligations:
+        effect = "require_approval"
+    return Decision(effect, reasons, [], obligations, bundle.revision)
+
+
+def _named(ids: list[str], bundle: PolicyBundle) -> list[str]:
+    return [bundle.names.get(r, r) for r in ids]
