@@ -19,7 +19,7 @@ from ztai.config import Settings
 from ztai.detect.base import Detector
 from ztai.detect.canary import CanaryDetector
 from ztai.detect.inspector import Inspector, load_detector
-from ztai.detect.vault import SessionVault, VaultKeys, session_name
+from ztai.detect.vault import Scope, SessionVault, VaultKeys, session_name
 from ztai.detect.vault_store import SqlVaultStore
 from ztai.errors import PolicyError, ZtaiError
 from ztai.gateway import scanning
@@ -228,8 +228,14 @@ class Runtime:
         session = session_name(session_header, task.root if task is not None else None)
         if session is None or self.vault_keys is None or self.vault_store is None:
             return SessionVault()
-        scope = self.vault_keys.scope(principal.tenant, principal.spiffe_id, session)
-        return SessionVault(self.vault_store, scope)
+        return SessionVault(self.vault_store, self.vault_scope(self.vault_keys, principal, session))
+
+    def vault_scope(self, keys: VaultKeys, principal: Principal, session: str) -> Scope:
+        """Whose vault `session` is: the principal's; for a task token the subject's together with the
+        root actor (the agent holding the root task of its chain)."""
+        task = task_claims(principal, self.settings.issuer)
+        root_actor = task.actors[-1] if task is not None else ""
+        return keys.scope(principal.tenant, principal.spiffe_id, session, root_actor)
 
     async def _purge_vaults(self, store: SqlVaultStore) -> None:
         while True:
