@@ -71,9 +71,7 @@ def test_the_users_own_request_is_trusted_through_the_internal_path(tmp_path: Pa
 
 
 def test_operator_trusted_servers_and_declared_closed_tools_stay_trusted(tmp_path: Path) -> None:
-    guard = make_guard(
-        tmp_path, [], mcp_servers={"wiki": {"url": "http://127.0.0.1:1/mcp", "trusted": True}}
-    )
+    guard = make_guard(tmp_path, [], mcp_servers={"wiki": {"url": "http://127.0.0.1:1/mcp", "trusted": True}})
     guard.learn_tools("crm", [{"name": "get_contact", "annotations": {"openWorldHint": False}}])
     principal = task_principal(GRANT)
     wiki = run(guard.observe(principal, server="wiki", tool="page", content="hello", route="t"))

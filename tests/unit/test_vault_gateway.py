@@ -62,7 +62,9 @@ class Client:
         (self.home / "policies" / name).write_text(text)
         self.runtime.reload_policies()
 
-    def token(self, name: str, task: str | None = None, *, chain: tuple[str, ...] = (), agents: str = "b") -> str:
+    def token(
+        self, name: str, task: str | None = None, *, chain: tuple[str, ...] = (), agents: str = "b"
+    ) -> str:
         """A token of user `name`; with `task`, a task token whose actors are `agents` (comma-separated,
         current actor first) and whose chain is `chain` (default: the task alone)."""
         extra: dict[str, Any] = {}

@@ -106,7 +106,9 @@ async def _subjects_task(runtime: Runtime, principal: Principal, task_token: obj
         task_principal = await runtime.verifier.verify_async(task_token)
         task = task_claims(task_principal, runtime.settings.issuer)
     except AuthenticationError as exc:
-        raise PermissionDenied(f"task_token: {exc.message}", decision_id="", code="invalid_task_token") from None
+        raise PermissionDenied(
+            f"task_token: {exc.message}", decision_id="", code="invalid_task_token"
+        ) from None
     if task is None:
         raise PermissionDenied("task_token is not a task token", decision_id="", code="invalid_task_token")
     if task_principal.tenant != principal.tenant or task.subject != principal.spiffe_id:

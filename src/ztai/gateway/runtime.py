@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from ztai.agents.approvals import ApprovalStore
 from ztai.agents.guard import AgentGuard
 from ztai.agents.session import MemorySessionStore, RedisSessionStore, SessionStore
+from ztai.agents.sql_sessions import SqlSessionStore
 from ztai.audit import AuditLog, AuditWriter
 from ztai.audit.ocsf import OcsfFileExporter
 from ztai.config import Settings
@@ -78,16 +79,22 @@ def _route_inspectors(settings: Settings, canaries: CanaryDetector | None) -> di
     }
 
 
-def _session_store(settings: Settings) -> SessionStore:
-    """Agent sessions in Redis when configured (shared by replicas), else in this process."""
+def _session_store(settings: Settings, database: Database) -> SessionStore:
+    """Agent sessions where `agents.session_store` says: Redis or the SQL store (shared by workers and
+    replicas), or this process."""
     agents = settings.agents
-    if settings.store.redis_url:
+    backend = settings.session_backend()
+    if backend == "redis":
         from ztai.store.shared import async_client
 
         return RedisSessionStore(
             async_client(settings.store.redis_url),
             ttl_seconds=agents.session_ttl_seconds,
             max_values=agents.max_session_values,
+        )
+    if backend == "sql":
+        return SqlSessionStore(
+            database, ttl_seconds=agents.session_ttl_seconds, max_values=agents.max_session_values
         )
     return MemorySessionStore(ttl_seconds=agents.session_ttl_seconds, max_values=agents.max_session_values)
 
@@ -112,6 +119,7 @@ class Runtime:
     vault_store: SqlVaultStore | None = None
     _refresher: asyncio.Task[None] | None = None
     _vault_purger: asyncio.Task[None] | None = None
+    _session_purger: asyncio.Task[None] | None = None
     _revocation_feed: RevocationFeed | None = None  # Redis pub/sub of revocations, when configured
 
     @classmethod
@@ -142,7 +150,9 @@ class Runtime:
         )
         verifier = TokenVerifier(settings, keys, revocations)
         raw_audit_key = keys.audit_secret()
-        canaries = CanaryDetector() if settings.detect.canaries else None
+        # Keyed from keys.json, which every worker and replica shares: any of them knows every canary.
+        canary_key = hashlib.sha256(b"ztai canary key\0" + raw_audit_key).digest()
+        canaries = CanaryDetector(canary_key) if settings.detect.canaries else None
         finding_key = hashlib.sha256(b"ztai finding hash\0" + raw_audit_key).digest()
         approvals = ApprovalStore(database)
         vault = settings.detect.vault
@@ -157,7 +167,7 @@ class Runtime:
             policy,
             audit.record,
             finding_key,
-            sessions=_session_store(settings),
+            sessions=_session_store(settings, database),
             approvals=approvals,
             canaries=canaries,
         )
@@ -191,6 +201,9 @@ class Runtime:
         self._refresher = asyncio.create_task(self._refresh_revocations())
         if self.vault_store is not None:
             self._vault_purger = asyncio.create_task(self._purge_vaults(self.vault_store))
+        sessions = self.agents.sessions if self.agents is not None else None
+        if isinstance(sessions, SqlSessionStore):
+            self._session_purger = asyncio.create_task(self._purge_sessions(sessions))
         if self.settings.store.redis_url:
             self._revocation_feed = RevocationFeed(self.revocations, self.settings.store.redis_url)
             self._revocation_feed.start()
@@ -202,7 +215,7 @@ class Runtime:
         gc.freeze()
 
     async def close(self) -> None:
-        for task in (self._refresher, self._vault_purger):
+        for task in (self._refresher, self._vault_purger, self._session_purger):
             if task is not None:
                 task.cancel()
         if self._revocation_feed is not None:
@@ -240,6 +253,14 @@ class Runtime:
     async def _purge_vaults(self, store: SqlVaultStore) -> None:
         while True:
             await asyncio.sleep(self.settings.detect.vault.purge_interval_seconds)
+            try:
+                await asyncio.to_thread(store.purge)
+            except ZtaiError as exc:
+                log.warning("%s", exc.message)
+
+    async def _purge_sessions(self, store: SqlSessionStore) -> None:
+        while True:
+            await asyncio.sleep(store.purge_interval_seconds)
             try:
                 await asyncio.to_thread(store.purge)
             except ZtaiError as exc:
