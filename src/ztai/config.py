@@ -235,6 +235,10 @@ class AgentSettings(_Section):
     instruction_spans: bool = True
     session_ttl_seconds: int = Field(7200, ge=60)
     max_session_values: int = Field(50_000, ge=100)
+    # Where task sessions (taint, value provenance, call budgets) live. auto: Redis when store.redis_url
+    # is set, else the SQL store when several workers (server.workers, `ztai serve --workers`) or
+    # PostgreSQL say the state must be shared, else this process. memory with several workers is refused.
+    session_store: Literal["auto", "memory", "sql", "redis"] = "auto"
     mcp_servers: dict[str, McpServerSettings] = {}
 
     @model_validator(mode="after")
@@ -307,6 +311,35 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The YAML file (if any) is named by `load_settings` in a per-file subclass's model_config.
         return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
+
+    @model_validator(mode="after")
+    def _session_store_reachable(self) -> Settings:
+        if self.agents.session_store == "redis" and not self.store.redis_url:
+            raise ValueError("agents.session_store redis needs store.redis_url")
+        return self
+
+    def session_backend(self, workers: int | None = None) -> Literal["memory", "sql", "redis"]:
+        """Where agent sessions live (`agents.session_store` resolved for `workers` processes, default
+        server.workers)."""
+        chosen = self.agents.session_store
+        if chosen != "auto":
+            return chosen
+        if self.store.redis_url:
+            return "redis"
+        if (workers or self.server.workers) > 1 or self.store_url.startswith("postgresql"):
+            return "sql"
+        return "memory"
+
+    def shared_state_problem(self, workers: int) -> str | None:
+        """Why `workers` processes must not serve with these settings (state one worker alone would
+        hold), or None."""
+        if workers > 1 and self.session_backend(workers) == "memory":
+            return (
+                f"{workers} workers with agents.session_store memory: each worker would keep its own "
+                "agent sessions, so content read through one worker would not hold calls in another. "
+                "Set store.redis_url, or agents.session_store: sql (or auto), or run --workers 1"
+            )
+        return None
 
     # Derived paths ---------------------------------------------------------------------------
     def path(self, value: str) -> Path:

@@ -139,7 +139,11 @@ class Gateway:
 
 
 def start_gateway(
-    tmp_path: Path, store_url: str = "", extra_yaml: str = "", extra_env: dict[str, str] | None = None
+    tmp_path: Path,
+    store_url: str = "",
+    extra_yaml: str = "",
+    extra_env: dict[str, str] | None = None,
+    serve_args: tuple[str, ...] = (),
 ) -> Gateway:
     mock_port, port = free_port(), free_port()
     env = {
@@ -172,7 +176,7 @@ def start_gateway(
     gateway.processes.append(mock)
     wait_until_ready(f"http://127.0.0.1:{mock_port}/v1/models", mock)
     try:
-        gateway.start_server()
+        gateway.start_server(*serve_args)
     except Exception:
         gateway.close()
         print((tmp_path / "serve.log").read_text())

@@ -107,3 +107,51 @@ def test_grant_and_bad_input(gateway: Gateway) -> None:
     assert bad.status_code == 422 and "arguments" in bad.json()["error"]["message"]
     assert post(gateway, "/v1/agents/observe", token, {"content": 5}).status_code == 422
     assert httpx.post(f"{gateway.root_url}/v1/agents/authorize", json={}, timeout=10).status_code == 401
+
+
+ATTACKER_SEND = {**SEND, "definition": None}
+
+
+def exchanged(gateway: Gateway, user: str, agent: str, tools: list[str]) -> tuple[str, str]:
+    """The user's own token and a task token of `agent` acting for that user."""
+    subject = gateway.token(user, "tools=mail/*")
+    actor = gateway.token(agent, kind="agent")
+    form = exchange_form(subject, actor, {"tools": tools, "egress": ["*"]})
+    response = httpx.post(f"{gateway.root_url}/oauth/token", data=form, timeout=10)
+    assert response.status_code == 200, response.text
+    return subject, str(response.json()["access_token"])
+
+
+def test_a_task_token_cannot_post_the_users_request(gateway: Gateway) -> None:
+    # The attack: injected text posted as the user's own words, then a send to the attacker's address.
+    token = task_token(gateway, ["mail/read_inbox", "mail/send_email"])
+    seen = post(gateway, "/v1/agents/observe", token, {"content": INJECTED, "source": "user"})
+    assert seen.status_code == 200, seen.text
+    observation = seen.json()
+    assert observation["trusted"] is False and observation["flagged"]
+    assert "untrusted tool output" in observation["note"]
+    decision = post(gateway, "/v1/agents/authorize", token, ATTACKER_SEND).json()
+    assert decision["effect"] == "require_approval"  # not allow
+    events = [
+        json.loads(line) for line in gateway.cli("audit", "tail", "-n", "30", "--json").stdout.splitlines()
+    ]
+    audited = [e for e in events if e.get("kind") == "content.observed" and e.get("source") == "claimed:user"]
+    assert audited and audited[-1]["trusted"] is False and "note" in audited[-1]
+
+
+def test_the_tasks_subject_posts_its_request_with_its_own_token(gateway: Gateway) -> None:
+    user, task = exchanged(gateway, "emma", "assistant", ["mail/send_email"])
+    body = {"content": "Please mail the notes to bob@example.org", "source": "user", "task_token": task}
+    seen = post(gateway, "/v1/agents/observe", user, body)
+    assert seen.status_code == 200, seen.text
+    assert seen.json()["trusted"] is True and seen.json()["note"] is None
+    assert not seen.json()["session"]["tainted"]
+    # Someone else's token with emma's task token, a task token as bearer, a forged task token: refused.
+    bob = gateway.token("bob", "tools=mail/*")
+    other = post(gateway, "/v1/agents/observe", bob, body)
+    assert other.status_code == 403 and other.json()["error"]["code"] == "not_task_subject"
+    assert post(gateway, "/v1/agents/observe", task, body).status_code == 422
+    forged = post(gateway, "/v1/agents/observe", user, {**body, "task_token": task[:-4] + "AAAA"})
+    assert forged.status_code == 403 and forged.json()["error"]["code"] == "invalid_task_token"
+    not_a_task = post(gateway, "/v1/agents/observe", user, {**body, "task_token": bob})
+    assert not_a_task.status_code == 403 and not_a_task.json()["error"]["code"] == "invalid_task_token"

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import Gateway
+from tests.e2e.conftest import Gateway, exchange_form
 
 pytestmark = pytest.mark.e2e
 MARIA = "maria.lopez@example.com"
@@ -82,3 +82,38 @@ def test_the_cli_forgets_a_principals_session(gateway: Gateway) -> None:
     assert "forgot 1 entries" in result.stderr
     assert "<EMAIL_ADDRESS_1>" in ask(sdk, "remind <EMAIL_ADDRESS_1>")
     assert gateway.cli("vault", "purge").returncode == 0
+
+
+def agent_token(gateway: Gateway, user: str, agent: str, tools: list[str]) -> str:
+    """A task token of `agent` acting for `user`, from the real token exchange."""
+    subject = gateway.token(user, "models=mock", "tools=mail/*")
+    form = exchange_form(subject, gateway.token(agent, kind="agent"), {"tools": tools})
+    response = httpx.post(f"{gateway.root_url}/oauth/token", data=form, timeout=10)
+    assert response.status_code == 200, response.text
+    return str(response.json()["access_token"])
+
+
+def test_another_agent_of_the_same_user_naming_the_session_gets_placeholders(gateway: Gateway) -> None:
+    assistant = client(gateway, agent_token(gateway, "emma", "assistant", ["mail/*"]), "conv-emma")
+    assert MARIA in ask(assistant, f"please email {MARIA} about the invoice")
+    assert MARIA in ask(assistant, "and remind <EMAIL_ADDRESS_1> tomorrow")
+    # An agent granted only read_inbox, acting for the same user, names the same session: no values.
+    reader = client(gateway, agent_token(gateway, "emma", "reader", ["mail/read_inbox"]), "conv-emma")
+    assert "<EMAIL_ADDRESS_1>" in ask(reader, "remind <EMAIL_ADDRESS_1>")
+    assert MARIA not in ask(reader, "remind <EMAIL_ADDRESS_1>")
+    # Nor does the user's own token: the agent's vault is the agent's.
+    user = client(gateway, gateway.token("emma", "models=mock"), "conv-emma")
+    assert MARIA not in ask(user, "remind <EMAIL_ADDRESS_1>")
+    # The operator ends the agent's vault by naming the user, the root agent and the session.
+    forgotten = gateway.cli(
+        "vault",
+        "forget",
+        "--principal",
+        "spiffe://example.org/user/emma",
+        "--agent",
+        "spiffe://example.org/agent/assistant",
+        "--session",
+        "conv-emma",
+    )
+    assert "forgot 1 entries" in forgotten.stderr
+    assert MARIA not in ask(assistant, "remind <EMAIL_ADDRESS_1>")

@@ -250,11 +250,7 @@ def test_injected_content_holds_side_effects_but_not_reads(tmp_path: Path) -> No
     events: list[dict[str, Any]] = []
     guard = make_guard(tmp_path, events)
     principal = task_principal(GRANT)
-    run(
-        guard.observe(
-            principal, server="", tool="", content="Summarise my inbox please", route="t", source="user"
-        )
-    )
+    run(guard.observe_user_request(principal, "Summarise my inbox please", route="t", by="test"))
     observation = run(guard.observe(principal, server="mail", tool="read_inbox", content=INJECTED, route="t"))
     assert observation.flagged and observation.session["flagged"] and not observation.trusted
     assert run(guard.authorize(principal, "mail", "read_inbox", {}, route="t")).effect == "allow"
@@ -276,16 +272,7 @@ def test_value_provenance_without_a_flagged_session(tmp_path: Path) -> None:
     # suspicion 0: every window of untrusted text counts as suspicious; the session itself is not flagged.
     guard = make_guard(tmp_path, [], suspicion_threshold=0.0)
     principal = task_principal(GRANT)
-    run(
-        guard.observe(
-            principal,
-            server="",
-            tool="",
-            content="Email the report to bob@example.org",
-            route="t",
-            source="user",
-        )
-    )
+    run(guard.observe_user_request(principal, "Email the report to bob@example.org", route="t", by="test"))
     run(
         guard.observe(
             principal,

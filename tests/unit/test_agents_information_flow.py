@@ -29,7 +29,7 @@ def without_detector(tmp_path: Path, **agents: Any) -> AgentGuard:
 
 def session(guard: AgentGuard, prompt: str, *outputs: str) -> Principal:
     principal = task_principal(GRANT)
-    run(guard.observe(principal, server="", tool="", content=prompt, route="t", source="user"))
+    run(guard.observe_user_request(principal, prompt, route="t", by="test"))
     for output in outputs:
         run(guard.observe(principal, server="mail", tool="read_inbox", content=output, route="t"))
     return principal

@@ -95,3 +95,20 @@ def test_init_writes_the_detect_defaults() -> None:
     written = yaml.safe_load(CONFIG_TEMPLATE.format(trust_domain="example.org"))["detect"]
     assert DetectSettings(**written) == DetectSettings()
     assert written["embeddings"]["input"] == ["secrets"]
+
+
+def test_agent_sessions_are_shared_whenever_several_processes_serve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    one = load_settings()
+    assert one.session_backend() == "memory" and one.shared_state_problem(1) is None
+    assert one.session_backend(2) == "sql" and one.shared_state_problem(2) is None
+    assert load_settings(server={"workers": 3}).session_backend() == "sql"
+    assert load_settings(store={"url": "postgresql+psycopg://u@h/db"}).session_backend() == "sql"
+    assert load_settings(store={"redis_url": "redis://h:6379/0"}).session_backend(4) == "redis"
+    memory = load_settings(agents={"session_store": "memory"})
+    problem = memory.shared_state_problem(2)
+    assert problem is not None and "store.redis_url" in problem and "--workers 1" in problem
+    with pytest.raises(ConfigError, match="session_store redis needs store.redis_url"):
+        load_settings(agents={"session_store": "redis"})

@@ -187,7 +187,7 @@ def test_canary_detector_finds_only_registered_canaries() -> None:
     findings = canaries.scan(text, "model_output")
     assert [(f.type, text[f.start : f.end]) for f in findings] == [("prompt_leak", token)]
     assert canaries.scan(text, "tool_output")[0].type == "canary_exfiltration"
-    assert canaries.session_of(token) == "session-1"
+    assert canaries.is_canary(token) and not canaries.is_canary("ztc-00000000000000000000")
 
 
 def test_unknown_detector_names_fail_clearly() -> None:
@@ -197,14 +197,15 @@ def test_unknown_detector_names_fail_clearly() -> None:
         Inspector(["nope"])
 
 
-def test_canaries_are_one_per_session_and_memory_is_bounded() -> None:
-    canaries = CanaryDetector(max_canaries=3)
-    first = canaries.issue("a")
-    assert canaries.issue("a") == first
-    for session in ("b", "c", "d"):
-        canaries.issue(session)
-    assert canaries.session_of(first) is None  # the oldest was forgotten
-    assert canaries.issue("a") != first
+def test_canaries_are_one_per_session_and_shared_by_whoever_holds_the_key() -> None:
+    key = b"k" * 32
+    worker, other_worker = CanaryDetector(key), CanaryDetector(key)
+    first = worker.issue("a")
+    assert worker.issue("a") == first and worker.issue("b") != first
+    assert other_worker.scan(f"leaked {first}", "tool_output")  # issued in one process, caught in another
+    assert not CanaryDetector(b"x" * 32).scan(f"leaked {first}", "tool_output")  # another deployment
+    forged = first[:14] + ("0" if first[14] != "0" else "1") + first[15:]
+    assert not worker.is_canary(forged)
 
 
 def test_add_canary_extends_the_system_prompt_or_adds_one() -> None:

@@ -72,8 +72,11 @@ def test_scopes_belong_to_tenant_principal_and_session() -> None:
         KEYS.scope("other.org", ALICE, "s1").id,
         KEYS.scope("example.org", ALICE, "s2").id,
         VaultKeys((os.urandom(32),)).scope("example.org", ALICE, "s1").id,
+        KEYS.scope("example.org", ALICE, "s1", "spiffe://example.org/agent/a").id,  # an agent's task
+        KEYS.scope("example.org", ALICE, "s1", "spiffe://example.org/agent/b").id,
     }
-    assert scope.id not in others and len(others) == 4
+    assert scope.id not in others and len(others) == 6
+    assert KEYS.scope("example.org", ALICE, "s1", "").id == scope.id  # no root actor: the principal's
     assert ALICE not in scope.id and len(scope.id) == 64
 
 

@@ -62,13 +62,18 @@ class Client:
         (self.home / "policies" / name).write_text(text)
         self.runtime.reload_policies()
 
-    def token(self, name: str, task: str | None = None) -> str:
+    def token(
+        self, name: str, task: str | None = None, *, chain: tuple[str, ...] = (), agents: str = "b"
+    ) -> str:
+        """A token of user `name`; with `task`, a task token whose actors are `agents` (comma-separated,
+        current actor first) and whose chain is `chain` (default: the task alone)."""
         extra: dict[str, Any] = {}
         if task is not None:
+            actors = [f"spiffe://example.org/agent/{agent}" for agent in agents.split(",")]
             extra["task"] = {
                 "task": task,
-                "task_chain": [task],
-                "act": act_claim(["spiffe://example.org/agent/b"]),
+                "task_chain": list(chain or (task,)),
+                "act": act_claim(actors),
             }
         return issue_token(
             KeyStore.load(self.home / "data"),
@@ -145,6 +150,27 @@ async def test_an_agent_task_is_a_session_of_its_own(client: Client, upstream: R
     assert await client.chat(later, "result?") == f"Found {MARIA}."
     other_task = client.token("alice", "tsk_" + "cd" * 16)
     assert await client.chat(other_task, "result?") == "Found <EMAIL_ADDRESS_1>."
+
+
+async def test_a_session_vault_of_a_task_belongs_to_its_user_and_root_agent(
+    client: Client, upstream: RecordingUpstream
+) -> None:
+    root, sub = "tsk_" + "01" * 16, "tsk_" + "02" * 16
+    assistant = client.token("alice", root, agents="assistant")
+    await client.chat(assistant, f"look up {MARIA}", session="conv")
+    upstream.reply = "Found <EMAIL_ADDRESS_1>."
+    assert await client.chat(assistant, "result?", session="conv") == f"Found {MARIA}."
+    # A sub-agent of the same task tree shares the vault, by header and by its root task.
+    helper = client.token("alice", sub, chain=(root, sub), agents="helper,assistant")
+    assert await client.chat(helper, "result?", session="conv") == f"Found {MARIA}."
+    assert await client.chat(helper, "result?") == "Found <EMAIL_ADDRESS_1>."  # task:<root> is another
+    # Another agent of the same user (a task of its own), and the user's own token: placeholders only.
+    other = client.token("alice", "tsk_" + "03" * 16, agents="reader")
+    assert await client.chat(other, "result?", session="conv") == "Found <EMAIL_ADDRESS_1>."
+    assert await client.chat(client.token("alice"), "result?", session="conv") == "Found <EMAIL_ADDRESS_1>."
+    # The same agent in a new root task of the same user names the same session: its vault.
+    again = client.token("alice", "tsk_" + "04" * 16, agents="assistant")
+    assert await client.chat(again, "result?", session="conv") == f"Found {MARIA}."
 
 
 async def test_what_the_model_writes_is_redacted_with_the_sessions_numbering(

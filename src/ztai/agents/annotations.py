@@ -6,6 +6,9 @@ accounts, URLs, paths). Operators can override any of it per tool in config. Wha
 inferred conservatively from the name, the description and the input schema: a tool is read-only only when
 its name starts with a reading verb and nothing in its description says it changes or sends anything;
 unknown means side-effecting. Every inferred property is named in `inferred`, so decisions can say so.
+
+A definition a caller sends along (`/v1/agents/authorize`'s `definition`) is not a declaration: it can
+only add restrictions to what the server or config declared, or to what was inferred (`stricter`).
 """
 
 from __future__ import annotations
@@ -153,6 +156,35 @@ def tool_profile(
         sensitive_arguments=sensitive,
         inferred=tuple(inferred),
     )
+
+
+def stricter(base: ToolProfile, claimed: ToolProfile) -> ToolProfile:
+    """`base` (what the server or config declared, or inference) with only the restrictions that
+    `claimed` (a caller's definition) declares: read-only and idempotent only where both say so,
+    destructive and open-world where either does; the sensitive arguments of both. What `base` inferred
+    stays marked inferred: a caller's claim is no declaration."""
+
+    def declared(name: str) -> bool:
+        return name not in claimed.inferred
+
+    read_only = base.read_only and (claimed.read_only or not declared("read_only"))
+    destructive = base.destructive or (declared("destructive") and claimed.destructive)
+    return ToolProfile(
+        server=base.server,
+        name=base.name,
+        read_only=read_only,
+        destructive=destructive and not read_only,
+        open_world=base.open_world or (declared("open_world") and claimed.open_world),
+        idempotent=base.idempotent and (claimed.idempotent or not declared("idempotent")),
+        sensitive_arguments=tuple(sorted({*base.sensitive_arguments, *claimed.sensitive_arguments})),
+        inferred=base.inferred,
+    )
+
+
+def descriptive(definition: Mapping[str, Any]) -> dict[str, Any]:
+    """A caller's definition without its claims (annotations, `_meta`): what inference may read. Its
+    description and input schema can only make inference stricter (write verbs, sensitive arguments)."""
+    return {k: definition[k] for k in ("description", "inputSchema") if k in definition}
 
 
 def _looks_read_only(name: str, description: str) -> bool:

@@ -23,7 +23,13 @@ from typing import Any
 
 import orjson
 
-from ztai.agents.annotations import ToolProfile, is_free_text_argument, tool_profile
+from ztai.agents.annotations import (
+    ToolProfile,
+    descriptive,
+    is_free_text_argument,
+    stricter,
+    tool_profile,
+)
 from ztai.agents.approvals import ApprovalStore, call_hash, preview
 from ztai.agents.provenance import Digest, Observed, argument_values, observe_text
 from ztai.agents.session import (
@@ -49,6 +55,10 @@ from ztai.policy import Decision, PolicyEngine, principal_context, principal_req
 Recorder = Callable[[dict[str, Any]], Awaitable[object]]
 MAX_INPUT_DEPTH = 8
 MAX_OBSERVED_CHARS = 1_000_000
+CLAIMED_USER_NOTE = (
+    "source 'user' posted with a task token counts as untrusted tool output: the user's own request is "
+    "trusted only when posted with the user's own token and the task token (docs/agents.md)"
+)
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,7 @@ class Observation:
     injection_score: int
     findings: list[dict[str, Any]]
     session: dict[str, Any]
+    note: str | None = None  # why content was trusted less than its label claimed
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -113,6 +124,7 @@ class Observation:
             "injection_score": self.injection_score,
             "findings": self.findings,
             "session": self.session,
+            "note": self.note,
         }
 
 
@@ -191,9 +203,15 @@ class AgentGuard:
         ]
 
     def profile(self, server: str, tool: str, definition: Mapping[str, Any] | None = None) -> ToolProfile:
+        """The tool's profile from what its server declared (tools/list) and the operator's overrides, or
+        inferred; a caller's `definition` can only make it stricter."""
         server_settings: McpServerSettings | None = self.settings.mcp_servers.get(server)
         overrides = server_settings.tools.get(tool) if server_settings is not None else None
-        return tool_profile(server, definition or self._tools.get(server, {}).get(tool), tool, overrides)
+        known = self._tools.get(server, {}).get(tool)
+        if definition is None:
+            return tool_profile(server, known, tool, overrides)
+        base = tool_profile(server, known if known is not None else descriptive(definition), tool, overrides)
+        return stricter(base, tool_profile(server, definition, tool))
 
     # Authorize ------------------------------------------------------------------------------------------
     async def authorize(
@@ -425,44 +443,76 @@ class AgentGuard:
         content: str,
         route: str,
         source: str = "tool_output",
-        trusted: bool | None = None,
     ) -> Observation:
         """Record content entering the task session: scanned as tool output (documents as `document`),
         its values remembered with their provenance; findings audited (type and span hash, never values).
-        `source="user"` marks the user's own request (trusted)."""
+
+        Labels only tighten: content is trusted only where the operator's config (`trusted: true`) or
+        the server's declared annotations (`openWorldHint: false`) say so. `source="user"` is the
+        caller's claim and counts as tool output (the observation's note says so); the user's own
+        request enters through `observe_user_request`."""
+        note = None
+        if source == "user":
+            source, note = "claimed:user", CLAIMED_USER_NOTE
+        detect_source: Source = "document" if source == "document" else "tool_output"
+        origin = f"mcp:{server}/{tool}" if server else source
+        trusted = self._trusted_tool(server, tool)
+        return await self._observe(principal, content, route, detect_source, trusted, origin, note=note)
+
+    async def observe_user_request(
+        self, principal: Principal, content: str, *, route: str, by: str
+    ) -> Observation:
+        """Record the user's own request to the task of `principal` (a task token's) as trusted content.
+        Only for paths where ztai itself knows the user asked: the replay of a recorded trace, and
+        `/v1/agents/observe` posted with the task subject's own token (`by` names who posted it)."""
+        return await self._observe(principal, content, route, "user", True, "user", by=by)
+
+    async def _observe(
+        self,
+        principal: Principal,
+        content: str,
+        route: str,
+        detect_source: Source,
+        trusted: bool,
+        origin: str,
+        *,
+        note: str | None = None,
+        by: str = "",
+    ) -> Observation:
         task = task_claims(principal, self.issuer)
         content = content[:MAX_OBSERVED_CHARS]
-        if trusted is None:
-            trusted = source == "user" or self._trusted_tool(server, tool)
-        detect_source: Source = source if source in ("user", "document") else "tool_output"  # type: ignore[assignment]
         inspection, observed = await asyncio.to_thread(self._scan, content, detect_source, trusted)
         findings = audit_findings(inspection, self.key)
         summary = inspection.context()
         flagged = not trusted and bool(summary["injection_flagged"])
-        origin = f"mcp:{server}/{tool}" if server else source
         state = SessionState()
         if task is not None:
             state = await self.sessions.record(
                 principal.tenant, task.root, observed, trusted=trusted, source=origin, flagged=flagged
             )
+        details: dict[str, Any] = {
+            "route": route,
+            "task": task.task_id if task else "",
+            "source": origin,
+            "trusted": trusted,
+            "flagged": flagged,
+            "injection_score": summary["injection_score"],
+            "findings": findings,
+            "chars": len(content),
+        }
+        if note:
+            details["note"] = note
+        if by:
+            details["by"] = by
         event = identity_event(
             "content.observed",
             tenant=principal.tenant,
             principal=task.actor if task else principal.spiffe_id,
-            details={
-                "route": route,
-                "task": task.task_id if task else "",
-                "source": origin,
-                "trusted": trusted,
-                "flagged": flagged,
-                "injection_score": summary["injection_score"],
-                "findings": findings,
-                "chars": len(content),
-            },
+            details=details,
         )
         await self.record(event)
         return Observation(
-            event["id"], trusted, flagged, int(summary["injection_score"]), findings, state.context()
+            event["id"], trusted, flagged, int(summary["injection_score"]), findings, state.context(), note
         )
 
     def _scan(self, content: str, source: Source, trusted: bool) -> tuple[Inspection, Observed]:

@@ -111,7 +111,8 @@ async def replay_trace(
     guard.learn_tools(REPLAY_SERVER, trace.tools)
     definitions = {t.get("name"): t for t in trace.tools if isinstance(t, dict)}
     route = "replay"
-    await guard.observe(principal, server="", tool="", content=trace.user_prompt, route=route, source="user")
+    # ztai itself replays the trace, so its user prompt is the user's request (trusted).
+    await guard.observe_user_request(principal, trace.user_prompt, route=route, by="replay")
     for index, event in enumerate(trace.events):
         name = event["name"]
         if event["type"] == "tool_result":

@@ -163,6 +163,9 @@ def serve(
     bind_host = host or settings.server.host
     bind_port = port or settings.server.port
     worker_count = workers or settings.server.workers
+    problem = settings.shared_state_problem(worker_count)
+    if problem:
+        fail(problem)  # exit code 2, before anything starts
     open_database_for(settings).close()  # migrate once, before any worker starts
     pid_file = settings.data_path / "ztai.pid"
     pid_file.write_text(str(os.getpid()))
@@ -185,6 +188,7 @@ def serve(
         else:
             os.environ[CONFIG_ENV] = str(config.resolve())
             os.environ[UPSTREAMS_ENV] = orjson.dumps(extra).decode()
+            os.environ["ZTAI_SERVER__WORKERS"] = str(worker_count)  # each worker sees it must share state
             metrics_dir = settings.data_path / "prometheus"
             shutil.rmtree(metrics_dir, ignore_errors=True)
             metrics_dir.mkdir(parents=True)

@@ -66,6 +66,10 @@ def forget(
     ],
     session: Annotated[str, typer.Option(help="the session name (x-ztai-session), or task:<root task id>")],
     tenant: Annotated[str | None, typer.Option(help="tenant (default: the configured trust domain)")] = None,
+    agent: Annotated[
+        str,
+        typer.Option(help="for a vault of an agent's task tokens: the agent holding the root task"),
+    ] = "",
     config: ConfigOption = DEFAULT_CONFIG_PATH,
 ) -> None:
     """End one principal's session vault now: its values are deleted (audited).
@@ -76,7 +80,7 @@ def forget(
         owner = tenant or settings.trust_domain
         name = session_name(session, None)
         assert name is not None
-        scope = VaultKeys.load(keys.audit_secret()).scope(owner, principal, name)
+        scope = VaultKeys.load(keys.audit_secret()).scope(owner, principal, name, agent)
         removed = store.forget(scope)
         event = identity_event(
             "vault.forgotten",

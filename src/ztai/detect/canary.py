@@ -1,21 +1,25 @@
 """Canary tokens: unique markers put into system prompts, detected where they must never appear.
 
 A canary found in model output means the system prompt leaked (prompt extraction); found in tool
-arguments it means data is being exfiltrated. Canaries are random, so they cannot be guessed, and
-registered per session, so a finding names the session it came from.
+arguments it means data is being exfiltrated. A canary is `ztc-` + a 40-bit id derived from the session
++ a 40-bit MAC of that id, both keyed with the deployment's canary key: one canary per session, nothing
+to remember, and every worker or replica holding the key recognises every canary any of them issued
+(a canary issued in one worker's chat request is still caught in a tool call through another). Without
+the key canaries cannot be guessed or forged.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 import secrets
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ztai.detect.base import Finding, Source
 
-_CANARY = re.compile(r"ztc-[0-9a-f]{20}")
+_CANARY = re.compile(r"ztc-([0-9a-f]{10})([0-9a-f]{10})")
 
 
 def canary_instruction(token: str) -> str:
@@ -25,35 +29,36 @@ def canary_instruction(token: str) -> str:
 
 @dataclass
 class CanaryDetector:
+    """`key`: the deployment's canary key (default: one of this process alone, for tests and tools)."""
+
+    key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     name: str = "canary"
-    # findings depend on the canaries issued so far, not only on the text: never cached (Inspector)
+    # findings depend on the key, not only on the text: never cached (Inspector)
     cacheable: ClassVar[bool] = False
-    max_canaries: int = 100_000  # oldest forgotten first: memory stays bounded
-    _known: OrderedDict[str, str] = field(default_factory=OrderedDict)  # token -> session id
-    _by_session: dict[str, str] = field(default_factory=dict)
 
     def issue(self, session: str) -> str:
-        """The session's canary (one per session, created on first use)."""
-        existing = self._by_session.get(session)
-        if existing is not None and existing in self._known:
-            return existing
-        token = f"ztc-{secrets.token_hex(10)}"
-        self._known[token] = session
-        self._by_session[session] = token
-        while len(self._known) > self.max_canaries:
-            _, old_session = self._known.popitem(last=False)
-            self._by_session.pop(old_session, None)
-        return token
+        """The session's canary (the same on every call and in every process sharing the key)."""
+        ident = self._keyed(b"session\0" + session.encode())
+        mac = self._keyed(b"canary\0" + ident.encode())
+        return f"ztc-{ident}{mac}"
 
-    def session_of(self, token: str) -> str | None:
-        return self._known.get(token)
+    def is_canary(self, token: str) -> bool:
+        """Whether `token` is a canary issued with this key."""
+        match = _CANARY.fullmatch(token)
+        if match is None:
+            return False
+        expected = self._keyed(b"canary\0" + match.group(1).encode())
+        return hmac.compare_digest(match.group(2), expected)
 
     def scan(self, text: str, source: Source) -> list[Finding]:
         if source not in ("model_output", "tool_output", "user", "document"):
             return []
         findings = []
         for match in _CANARY.finditer(text):
-            if match.group(0) in self._known:
+            if self.is_canary(match.group(0)):
                 kind = "prompt_leak" if source == "model_output" else "canary_exfiltration"
                 findings.append(Finding("canary", kind, match.start(), match.end(), 1.0, "registered canary"))
         return findings
+
+    def _keyed(self, data: bytes) -> str:
+        return hmac.new(self.key, data, hashlib.sha256).hexdigest()[:10]

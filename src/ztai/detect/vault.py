@@ -7,7 +7,9 @@ that names it is restored for the session's owner even when this request never c
 
 Scope: a session is named by the caller (the `x-ztai-session` header) or, for an agent's task token, is
 its root task. It belongs to the principal: its id is a keyed hash of (tenant, principal, session), so
-another principal naming the same session gets another, empty vault, and the store names no one.
+another principal naming the same session gets another, empty vault, and the store names no one. For a
+task token the principal is the task's subject *and* its root actor (the agent holding the root task):
+another agent of the same user gets another vault, a sub-agent of the same task tree shares it.
 
 At rest: each scope has its own AES-256-GCM key, derived (HKDF-SHA256) from the deployment's vault key
 and the scope id; a value is sealed bound to its scope and digest, so rows cannot be moved between
@@ -91,8 +93,11 @@ class VaultKeys:
     def key_id(key: bytes) -> str:
         return hashlib.sha256(b"ztai vault key id\0" + key).hexdigest()[:16]
 
-    def scope(self, tenant: str, principal: str, session: str) -> Scope:
-        label = "\0".join((tenant, principal, session)).encode()
+    def scope(self, tenant: str, principal: str, session: str, root_actor: str = "") -> Scope:
+        """The vault of `principal`'s `session`; for an agent's task, also of the agent that holds the
+        task tree's root (`root_actor`), so another agent of the same user gets another vault."""
+        parts = (tenant, principal, session, *((f"root-actor:{root_actor}",) if root_actor else ()))
+        label = "\0".join(parts).encode()
         return Scope(hmac.new(self.index_key, label, hashlib.sha256).hexdigest()[:64], tenant, self)
 
 

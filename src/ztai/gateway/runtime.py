@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from ztai.agents.approvals import ApprovalStore
 from ztai.agents.guard import AgentGuard
 from ztai.agents.session import MemorySessionStore, RedisSessionStore, SessionStore
+from ztai.agents.sql_sessions import SqlSessionStore
 from ztai.audit import AuditLog, AuditWriter
 from ztai.audit.ocsf import OcsfFileExporter
 from ztai.config import Settings
 from ztai.detect.base import Detector
 from ztai.detect.canary import CanaryDetector
 from ztai.detect.inspector import Inspector, load_detector
-from ztai.detect.vault import SessionVault, VaultKeys, session_name
+from ztai.detect.vault import Scope, SessionVault, VaultKeys, session_name
 from ztai.detect.vault_store import SqlVaultStore
 from ztai.errors import PolicyError, ZtaiError
 from ztai.gateway import scanning
@@ -78,14 +79,23 @@ def _route_inspectors(settings: Settings, canaries: CanaryDetector | None) -> di
     }
 
 
-def _session_store(settings: Settings) -> SessionStore:
-    """Agent sessions in Redis when configured (shared by replicas), else in this process."""
+def _session_store(settings: Settings, database: Database) -> SessionStore:
+    """Agent sessions where `agents.session_store` says: Redis or the SQL store (shared by workers and
+    replicas), or this process."""
     agents = settings.agents
-    if settings.store.redis_url:
+    backend = settings.session_backend()
+    if backend == "redis":
         from ztai.store.shared import async_client
 
         return RedisSessionStore(
             async_client(settings.store.redis_url),
+            ttl_seconds=agents.session_ttl_seconds,
+            max_values=agents.max_session_values,
+            count_ttl_seconds=agents.max_task_ttl_seconds,
+        )
+    if backend == "sql":
+        return SqlSessionStore(
+            database,
             ttl_seconds=agents.session_ttl_seconds,
             max_values=agents.max_session_values,
             count_ttl_seconds=agents.max_task_ttl_seconds,
@@ -117,6 +127,7 @@ class Runtime:
     vault_store: SqlVaultStore | None = None
     _refresher: asyncio.Task[None] | None = None
     _vault_purger: asyncio.Task[None] | None = None
+    _session_purger: asyncio.Task[None] | None = None
     _revocation_feed: RevocationFeed | None = None  # Redis pub/sub of revocations, when configured
 
     @classmethod
@@ -147,7 +158,9 @@ class Runtime:
         )
         verifier = TokenVerifier(settings, keys, revocations)
         raw_audit_key = keys.audit_secret()
-        canaries = CanaryDetector() if settings.detect.canaries else None
+        # Keyed from keys.json, which every worker and replica shares: any of them knows every canary.
+        canary_key = hashlib.sha256(b"ztai canary key\0" + raw_audit_key).digest()
+        canaries = CanaryDetector(canary_key) if settings.detect.canaries else None
         finding_key = hashlib.sha256(b"ztai finding hash\0" + raw_audit_key).digest()
         approvals = ApprovalStore(database)
         vault = settings.detect.vault
@@ -162,7 +175,7 @@ class Runtime:
             policy,
             audit.record,
             finding_key,
-            sessions=_session_store(settings),
+            sessions=_session_store(settings, database),
             approvals=approvals,
             canaries=canaries,
         )
@@ -196,6 +209,9 @@ class Runtime:
         self._refresher = asyncio.create_task(self._refresh_revocations())
         if self.vault_store is not None:
             self._vault_purger = asyncio.create_task(self._purge_vaults(self.vault_store))
+        sessions = self.agents.sessions if self.agents is not None else None
+        if isinstance(sessions, SqlSessionStore):
+            self._session_purger = asyncio.create_task(self._purge_sessions(sessions))
         if self.settings.store.redis_url:
             self._revocation_feed = RevocationFeed(self.revocations, self.settings.store.redis_url)
             self._revocation_feed.start()
@@ -207,7 +223,7 @@ class Runtime:
         gc.freeze()
 
     async def close(self) -> None:
-        for task in (self._refresher, self._vault_purger):
+        for task in (self._refresher, self._vault_purger, self._session_purger):
             if task is not None:
                 task.cancel()
         if self._revocation_feed is not None:
@@ -233,12 +249,26 @@ class Runtime:
         session = session_name(session_header, task.root if task is not None else None)
         if session is None or self.vault_keys is None or self.vault_store is None:
             return SessionVault()
-        scope = self.vault_keys.scope(principal.tenant, principal.spiffe_id, session)
-        return SessionVault(self.vault_store, scope)
+        return SessionVault(self.vault_store, self.vault_scope(self.vault_keys, principal, session))
+
+    def vault_scope(self, keys: VaultKeys, principal: Principal, session: str) -> Scope:
+        """Whose vault `session` is: the principal's; for a task token the subject's together with the
+        root actor (the agent holding the root task of its chain)."""
+        task = task_claims(principal, self.settings.issuer)
+        root_actor = task.actors[-1] if task is not None else ""
+        return keys.scope(principal.tenant, principal.spiffe_id, session, root_actor)
 
     async def _purge_vaults(self, store: SqlVaultStore) -> None:
         while True:
             await asyncio.sleep(self.settings.detect.vault.purge_interval_seconds)
+            try:
+                await asyncio.to_thread(store.purge)
+            except ZtaiError as exc:
+                log.warning("%s", exc.message)
+
+    async def _purge_sessions(self, store: SqlSessionStore) -> None:
+        while True:
+            await asyncio.sleep(store.purge_interval_seconds)
             try:
                 await asyncio.to_thread(store.purge)
             except ZtaiError as exc:

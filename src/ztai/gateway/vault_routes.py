@@ -28,7 +28,7 @@ async def forget_session(request: Request) -> Response:
     assert session is not None
     if runtime.vault_keys is None or runtime.vault_store is None:
         raise NotFound("session vaults are disabled (detect.vault.enabled)")
-    scope = runtime.vault_keys.scope(principal.tenant, principal.spiffe_id, session)
+    scope = runtime.vault_scope(runtime.vault_keys, principal, session)
     removed = await asyncio.to_thread(runtime.vault_store.forget, scope)
     await runtime.audit.record(
         identity_event(

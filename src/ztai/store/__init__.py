@@ -2,6 +2,9 @@
 
 from ztai.store.database import Database, aware, open_database, rows_changed
 from ztai.store.tables import (
+    AgentCallCount,
+    AgentSession,
+    AgentSessionValue,
     Approval,
     AuditCheckpoint,
     AuditEvent,
@@ -13,6 +16,9 @@ from ztai.store.tables import (
 )
 
 __all__ = [
+    "AgentCallCount",
+    "AgentSession",
+    "AgentSessionValue",
     "Approval",
     "AuditCheckpoint",
     "AuditEvent",

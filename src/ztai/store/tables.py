@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Index, Integer, LargeBinary, String
+from sqlalchemy import BigInteger, Boolean, DateTime, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -120,3 +120,43 @@ class VaultEntry(Base):
     sealed: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     key_id: Mapped[str] = mapped_column(String(16), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AgentSession(Base):
+    """An agent task tree's session (ztai.agents.session) when sessions live in the store: the state
+    policy sees as context.session. `sources` is a JSON list (bounded); the row lives until `expires_at`,
+    which each write pushes forward."""
+
+    __tablename__ = "agent_sessions"
+
+    tenant: Mapped[str] = mapped_column(String(255), primary_key=True)
+    session: Mapped[str] = mapped_column(String(128), primary_key=True)
+    tainted: Mapped[bool] = mapped_column(Boolean, default=False)
+    flagged: Mapped[bool] = mapped_column(Boolean, default=False)
+    max_score: Mapped[int] = mapped_column(Integer, default=0)
+    calls: Mapped[int] = mapped_column(Integer, default=0)
+    sources: Mapped[str] = mapped_column(Text, default="[]")
+    value_count: Mapped[int] = mapped_column(Integer, default=0)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class AgentSessionValue(Base):
+    """A value key of a session (a keyed 8-byte hash, never the value) and where it was seen (FLAG bits)."""
+
+    __tablename__ = "agent_session_values"
+
+    tenant: Mapped[str] = mapped_column(String(255), primary_key=True)
+    session: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key: Mapped[bytes] = mapped_column(LargeBinary(16), primary_key=True)
+    flags: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class AgentCallCount(Base):
+    """Tool calls counted against one task (its budget); expires `ttl` after the last call."""
+
+    __tablename__ = "agent_call_counts"
+
+    tenant: Mapped[str] = mapped_column(String(255), primary_key=True)
+    task: Mapped[str] = mapped_column(String(128), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer, default=0)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
