@@ -159,7 +159,7 @@ class SqlSessionStore:
                     AgentCallCount.tenant == tenant, AgentCallCount.task.in_(tasks)
                 )
             ).all()
-            current = {r.task: (int(r.count) if aware(r.expires_at) > now else 0) for r in rows}
+            current = {task: (int(count) if aware(expires) > now else 0) for task, count, expires in rows}
             for task, limit in chain:
                 if limit is not None and current.get(task, 0) + 1 > limit:
                     return task
