@@ -286,7 +286,9 @@ def _plain_name_without_host(word: str) -> bool:
         return not _DOTTED_QUAD.fullmatch(word.rstrip(_TRAILING)) and "0x" not in word.lower()
     if last.startswith("0x"):
         return False
-    return last in FILE_EXTENSION_TLDS or not is_top_level_domain(last)
+    if last in FILE_EXTENSION_TLDS:
+        return not word.lower().startswith("www.")  # as in `_bare_counts`
+    return not is_top_level_domain(last)
 
 
 def find_urls(

@@ -41,6 +41,7 @@ MAX_PATTERN_LENGTH = 256  # characters of a `pattern` constraint
 MAX_PATTERN_PROGRAM = 2000  # RE2 program size (instructions) of one compiled pattern
 PATTERN_MAX_MEM = 1 << 20  # RE2 memory budget of one compiled pattern (its program and DFA cache)
 MAX_PATTERN_INPUT = 4096  # characters a pattern is matched against; a longer value fails the constraint
+MAX_PATTERN_WORK = 20_000_000  # program size x characters matched, over one call (at worst ~0.3 s)
 MAX_ENUM = 256
 BUDGET_KINDS = ("calls", "tokens")
 CONSTRAINT_KINDS = ("enum", "pattern", "prefix", "min", "max", "max_length", "hosts")
@@ -209,6 +210,7 @@ def check_arguments(constraints: Mapping[str, list[Constraint]], arguments: Mapp
     """The constraint violations of `arguments`, one line each (an argument absent from the call is not
     constrained: required arguments are the tool's business). List values are checked item by item."""
     problems: list[str] = []
+    work = MAX_PATTERN_WORK
     for argument, rules in constraints.items():
         if argument not in arguments:
             continue
@@ -216,9 +218,27 @@ def check_arguments(constraints: Mapping[str, list[Constraint]], arguments: Mapp
         items = value if isinstance(value, list) else [value]
         for rule in rules:
             kind = next(iter(rule))
+            if kind == "pattern":
+                work -= _pattern_work(rule[kind], items)
+                if work < 0:
+                    problems.append(
+                        f"argument {argument!r}: pattern constraints need more matching than allowed"
+                    )
+                    return problems
             if not all(_satisfies(item, kind, rule[kind]) for item in items):
                 problems.append(f"argument {argument!r} violates constraint {kind}")
     return problems
+
+
+def _pattern_work(pattern: str, items: list[Any]) -> int:
+    """What matching `pattern` against `items` may cost at worst: RE2 program size times value length
+    (RE2's slowest path, when its DFA gives up, is linear in both)."""
+    try:
+        size = int(compiled_pattern(pattern).programsize)
+    except re2.error:
+        return 0  # fails every value (see _satisfies), at no cost
+    lengths = (len(item if isinstance(item, str) else str(item)) for item in items)
+    return size * sum(n for n in lengths if n <= MAX_PATTERN_INPUT)
 
 
 def _satisfies(value: Any, kind: str, bound: Any) -> bool:
