@@ -200,12 +200,12 @@ def is_top_level_domain(label: str) -> bool:
     return bool(suffix) and suffix.rsplit(".", 1)[-1] == label
 
 
-def canonical_host(text: str, scheme: str = "http") -> str | None:
-    """`text` (a host, maybe with a port) as WHATWG parses it for `scheme`; None: not a host."""
-    return _parse_host(scheme if scheme in SPECIAL_SCHEMES else scheme or "http", text)[0]
+def canonical_host(text: str) -> str | None:
+    """`text` (a host, maybe with a port) as WHATWG parses it in an http URL; None: not a host."""
+    return _parse_host("http", text)[0]
 
 
-@lru_cache(maxsize=16384)
+@lru_cache(maxsize=4096)
 def _parse_host(scheme: str, hostport: str) -> tuple[str | None, str]:
     """(canonical host or None, host type: "ipv4", "ipv6", "name") of `scheme://hostport`."""
     plain = _PLAIN_HOST.fullmatch(hostport) and "xn--" not in hostport and not _looks_numeric(hostport)
@@ -298,6 +298,9 @@ def find_urls(
     URL when it starts like one (a client given `http://example.org x@evil.ru` goes to evil.ru).
     `whole`: the text is meant as one URL or host (a URL-named argument). A mention with `refused` set
     ends the search."""
+    first_sign = _SIGN.search(text)
+    if first_sign is None and not whole:
+        return  # the common case: no word here can hold a URL or host
     budget = budget or _Budget()
     cleaned = "" if words_only else text.strip(_C0_AND_SPACE).translate(_TAB_NEWLINE)  # as URL parsers do
     if cleaned and (whole or _starts_url(cleaned)):
@@ -471,6 +474,8 @@ class _Reader:
 
 def _trimmed(word: str) -> str:
     """The word without trailing punctuation, nor closing brackets that close nothing: `(see evil.ru).`"""
+    if not word or (word[-1] not in _TRAILING and word[-1] not in _CLOSERS):
+        return word
     counts = {c: word.count(c) for c in (*_CLOSERS, *_CLOSERS.values())}
     end = len(word)
     while end:
@@ -581,6 +586,7 @@ def _texts(value: Any, key: str, depth: int) -> Iterator[tuple[str | None, bool]
             yield from _texts(item, key, depth + 1)
 
 
+@lru_cache(maxsize=4096)
 def _names_url(key: str) -> bool:
     words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key).lower().replace("-", "_").split("_")
     return words[-1] in URL_ARGUMENT_WORDS
@@ -594,3 +600,6 @@ def mentions_for_values(text: str) -> Iterator[Mention]:
             return
         if mention.hosts:
             yield mention
+
+
+is_top_level_domain("org")  # loads the suffix list now, at import, rather than during a request
