@@ -47,7 +47,7 @@ from ztai.detect.canary import CanaryDetector
 from ztai.detect.injection import InjectionDetector, InjectionModel
 from ztai.detect.inspector import Inspection, Inspector, audit_findings
 from ztai.errors import ApprovalRequired, PermissionDenied, PolicyEvaluationError, StepUpRequired
-from ztai.identity.grants import url_hosts
+from ztai.identity.egress import call_egress
 from ztai.identity.task_tokens import TaskClaims, task_claims
 from ztai.identity.tokens import Principal
 from ztai.policy import Decision, PolicyEngine, principal_context, principal_request
@@ -59,6 +59,7 @@ CLAIMED_USER_NOTE = (
     "source 'user' posted with a task token counts as untrusted tool output: the user's own request is "
     "trusted only when posted with the user's own token and the task token (docs/agents.md)"
 )
+_INLINE_CHECK_BYTES = 8192  # arguments up to this size (as JSON) are checked on the event loop
 
 
 @dataclass(frozen=True)
@@ -228,12 +229,11 @@ class AgentGuard:
         """Decide a proposed tool call; the decision is durable in the audit log before this returns."""
         task = task_claims(principal, self.issuer)
         profile = self.profile(server, tool, definition)
-        problems = (
-            task.grant.check_call(server, tool, arguments) if task else ["no task token: use token exchange"]
-        )
+        problems, egress_hosts = await self._check_grant(task, server, tool, arguments)
         state, provenance = await self._provenance(principal, task, profile, arguments)
         context = self._context(principal, task, profile, arguments, state, provenance, route, ip)
         context["tool"]["granted"] = not problems
+        context["tool"]["egress_hosts"] = sorted(egress_hosts)
         decision = self._decide(principal, task, server, tool, context)
         reasons = [*decision.reasons, *problems, *profile.reasons()]
         # The grant is final: a call outside it is denied whatever policy says, and no approval (not
@@ -274,6 +274,24 @@ class AgentGuard:
         )
         await self.record(event)
         return ToolDecision(effect, reasons, decision.obligations, decision_id, approval_id)
+
+    async def _check_grant(
+        self, task: TaskClaims | None, server: str, tool: str, arguments: Mapping[str, Any]
+    ) -> tuple[list[str], set[str]]:
+        """Why the call is outside the task's grant, and the hosts its arguments reach. A call with much
+        text, or with pattern constraints, is read in a worker thread (RE2 matches without the GIL), so
+        the event loop keeps serving other requests meanwhile."""
+
+        def check() -> tuple[list[str], set[str]]:
+            egress = call_egress(arguments)
+            if task is None:
+                return ["no task token: use token exchange"], egress.hosts
+            return task.grant.check_call(server, tool, arguments, egress), egress.hosts
+
+        patterns = task is not None and task.grant.has_patterns(server, tool)
+        if patterns or len(orjson.dumps(arguments)) > _INLINE_CHECK_BYTES:
+            return await asyncio.to_thread(check)
+        return check()
 
     def call_hash(self, server: str, tool: str, arguments: Mapping[str, Any]) -> str:
         """A keyed hash naming one exact call (server, tool, arguments): approvals match retries by it."""
@@ -369,7 +387,7 @@ class AgentGuard:
             "args_from_suspicious": provenance["suspicious"],
             "args_unseen": provenance["unseen"],
             "action_from_suspicious": bool(provenance["action"]),
-            "egress_hosts": sorted(url_hosts(arguments)),
+            "egress_hosts": [],  # filled in by authorize, from the grant check's reading
         }
         context["input"] = _cedar_value(dict(arguments), 0)
         if self.canaries is not None:

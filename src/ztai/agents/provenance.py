@@ -1,10 +1,10 @@
 """Value provenance: which values a task session saw, and where.
 
 Content entering a session (the user's request, tool results, retrieved documents) is reduced to *value
-keys*: e-mail addresses, URLs and hosts, IBANs, phone numbers, numbers and short word sequences, normalised
-and hashed with a per-deployment key (the session keeps no raw text). Each key is recorded as seen in
-trusted content, in untrusted content, and — when the window of untrusted text around it reads like
-instructions to the model — in *suspicious* content.
+keys*: e-mail addresses, URLs and hosts (found and parsed as the egress check reads them), IBANs, phone
+numbers, numbers and short word sequences, normalised and hashed with a per-deployment key (the session
+keeps no raw text). Each key is recorded as seen in trusted content, in untrusted content, and — when the
+window of untrusted text around it reads like instructions to the model — in *suspicious* content.
 
 When an agent proposes a tool call, the values in its arguments are reduced the same way and looked up, so
 policy can ask: did the recipient of this e-mail come only from a web page? Only from a part of it that
@@ -22,6 +22,7 @@ from typing import Any
 
 from ztai.detect.injection import Analysis, InjectionModel, window_scores
 from ztai.detect.instructions import instruction_texts, unescape
+from ztai.identity.egress import mentions_for_values
 
 MAX_TEXT = 200_000  # characters of one content item that are indexed
 MAX_NGRAM = 4  # word sequences up to this long are remembered as values
@@ -29,12 +30,6 @@ MAX_VALUE_WORDS = MAX_NGRAM
 MAX_SHORT_VALUE = 80  # an argument string up to this long is also a value as a whole
 
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
-_URL = re.compile(
-    r"(?<![@\w.-])(?:https?://[^\s\"'<>)\]]+|www\.[^\s\"'<>)\]]+|"
-    r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.(?:com|org|net|io|dev|ai|co|app|info|biz|xyz|me|us|uk|de|fr|eu|gov|edu)"
-    r"(?:/[^\s\"'<>)\]]*)?)",
-    re.IGNORECASE,
-)
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b")
 _PHONE = re.compile(r"(?<!\w)\+?\d[\d ().-]{6,18}\d(?!\w)")
 _WORD = re.compile(r"[^\W_]+(?:[-'][^\W_]+)*", re.UNICODE)
@@ -46,7 +41,7 @@ def _fold(text: str) -> str:
 
 def _url_key(url: str) -> str:
     url = url.lower().rstrip(".,;:!?")
-    url = re.sub(r"^https?://", "", url)
+    url = re.sub(r"^(?:https?:)?[/\\]*", "", url)
     return url.rstrip("/")
 
 
@@ -54,11 +49,10 @@ def entity_values(text: str) -> Iterator[str]:
     """Normalised entity values in `text`: e-mails, URLs (and their hosts), IBANs, phone numbers."""
     for match in _EMAIL.finditer(text):
         yield "e:" + match.group(0).lower()
-    for match in _URL.finditer(text):
-        url = _url_key(match.group(0))
-        yield "u:" + url
-        host = url.split("/", 1)[0].split(":", 1)[0]
-        yield "h:" + host.removeprefix("www.")
+    for mention in mentions_for_values(text):  # the hosts that the egress check reads, too
+        yield "u:" + _url_key(mention.url)
+        for host in mention.hosts:
+            yield "h:" + host.removeprefix("www.")
     for match in _IBAN.finditer(text):
         yield "i:" + match.group(0).replace(" ", "")
     for match in _PHONE.finditer(text):

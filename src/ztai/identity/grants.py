@@ -1,10 +1,15 @@
 """Task grants: what a task token lets an agent do, and how a grant shrinks when it is delegated.
 
 A grant names tools per MCP server (`"<server>/<tool>"`, or `"<server>/*"`), argument constraints per
-tool, the hosts URL-valued arguments may reach, and a budget (tool calls, model tokens). It travels in the
-task token's claims. `attenuate(parent, request)` builds a sub-agent's grant: every part is intersected
-with the parent's and a request for anything broader is refused with `GrantError` naming it, so a
-delegated grant is never wider than the one it came from.
+tool, where the arguments' URLs and hosts may send a client (`egress`, read by `ztai.identity.egress`),
+and a budget (tool calls, model tokens). It travels in the task token's claims. `attenuate(parent,
+request)` builds a sub-agent's grant: every part is intersected with the parent's and a request for
+anything broader is refused with `GrantError` naming it, so a delegated grant is never wider than the one
+it came from.
+
+`pattern` constraints are RE2 expressions (`google-re2`): matched in time linear in the value whatever
+the pattern, with bounded memory; a pattern RE2 cannot compile (backreferences, lookaround) or that
+compiles too large is refused at token exchange, and a value longer than MAX_PATTERN_INPUT fails it.
 """
 
 from __future__ import annotations
@@ -12,26 +17,35 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
-from urllib.parse import urlsplit
+
+import re2
 
 from ztai.errors import ZtaiError
+from ztai.identity.egress import (
+    Egress,
+    Target,
+    call_egress,
+    entry_covered,
+    find_urls,
+    host_covered,
+    parse_entry,
+    target_allowed,
+)
 
 MAX_TOOLS = 256
 MAX_HOSTS = 64
 MAX_CONSTRAINTS = 256
-MAX_PATTERN_LENGTH = 256
+MAX_PATTERN_LENGTH = 256  # characters of a `pattern` constraint
+MAX_PATTERN_PROGRAM = 2000  # RE2 program size (instructions) of one compiled pattern
+PATTERN_MAX_MEM = 1 << 20  # RE2 memory budget of one compiled pattern (its program and DFA cache)
+MAX_PATTERN_INPUT = 4096  # characters a pattern is matched against; a longer value fails the constraint
+MAX_PATTERN_WORK = 20_000_000  # program size x characters matched, over one call (at worst ~0.3 s)
 MAX_ENUM = 256
-MAX_PATTERN_INPUT = 4096
 BUDGET_KINDS = ("calls", "tokens")
 CONSTRAINT_KINDS = ("enum", "pattern", "prefix", "min", "max", "max_length", "hosts")
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}/(\*|[A-Za-z0-9._:-]{1,128})$")
-_HOST = re.compile(r"^(\*|(\*\.)?[a-z0-9-]+(\.[a-z0-9-]+)*)$")
-_URL_IN_TEXT = re.compile(
-    r"(?<![@\w.-])(?:https?://[^\s\"'<>]+|\bwww\.[^\s\"'<>]+|\b[a-z0-9-]+(?:\.[a-z0-9-]+)*\.(?:com|org|net|io|dev|ai|co|app|"
-    r"info|biz|xyz|me|us|uk|de|fr|eu|gov|edu)(?:/[^\s\"'<>]*)?)",
-    re.IGNORECASE,
-)
 
 
 class GrantError(ZtaiError):
@@ -88,17 +102,28 @@ class TaskGrant:
         return merged
 
     def allows_host(self, host: str) -> bool:
-        return any(host_covered(host, pattern) for pattern in self.egress)
+        """Whether http and https to `host` are granted."""
+        return target_allowed(Target("", host), self.egress)
 
-    def check_call(self, server: str, tool: str, arguments: Mapping[str, Any]) -> list[str]:
-        """Why this call is outside the grant (empty: inside). Reasons name the part, never a value."""
+    def check_call(
+        self, server: str, tool: str, arguments: Mapping[str, Any], egress: Egress | None = None
+    ) -> list[str]:
+        """Why this call is outside the grant (empty: inside). Reasons name the part, never a value.
+        `egress`: the arguments' `call_egress`, when the caller has it already."""
         if not self.allows_tool(server, tool):
             return [f"tool {server}/{tool} is not granted to this task"]
         problems = check_arguments(self.constraints_for(server, tool), arguments)
-        for host in sorted(url_hosts(arguments)):
-            if not self.allows_host(host):
-                problems.append(f"egress to host {host} is not granted to this task")
+        egress = call_egress(arguments) if egress is None else egress
+        problems.extend(egress.problems)
+        for target in sorted(egress.targets, key=lambda t: (t.scheme, t.host or "")):
+            if not target_allowed(target, self.egress):
+                problems.append(f"egress to {target.describe()} is not granted to this task")
         return problems
+
+    def has_patterns(self, server: str, tool: str) -> bool:
+        """Whether a `pattern` constraint applies to this tool's arguments."""
+        rules = self.constraints_for(server, tool).values()
+        return any("pattern" in rule for by_argument in rules for rule in by_argument)
 
 
 @dataclass(frozen=True)
@@ -127,7 +152,7 @@ class GrantRequest:
         return cls(
             tools=_tool_names(details["tools"]) if "tools" in details else None,
             constraints=_constraints(details.get("constraints") or {}),
-            egress=_hosts(details["egress"]) if "egress" in details else None,
+            egress=_egress_entries(details["egress"]) if "egress" in details else None,
             budget=_budget(details["budget"]) if "budget" in details else None,
             ttl_seconds=_positive_int(details["ttl_seconds"], "ttl_seconds")
             if "ttl_seconds" in details
@@ -150,7 +175,7 @@ def attenuate(parent: TaskGrant | None, request: GrantRequest) -> TaskGrant:
     if wider_tools:
         raise GrantError(f"requested tools exceed the parent task's grant: {', '.join(sorted(wider_tools))}")
     egress = parent.egress if request.egress is None else request.egress
-    wider_hosts = [h for h in egress if not any(host_covered(h, p) for p in parent.egress)]
+    wider_hosts = [entry for entry in egress if not entry_covered(entry, parent.egress)]
     if wider_hosts:
         raise GrantError(
             f"requested egress exceeds the parent task's grant: {', '.join(sorted(wider_hosts))}"
@@ -185,6 +210,7 @@ def check_arguments(constraints: Mapping[str, list[Constraint]], arguments: Mapp
     """The constraint violations of `arguments`, one line each (an argument absent from the call is not
     constrained: required arguments are the tool's business). List values are checked item by item."""
     problems: list[str] = []
+    work = MAX_PATTERN_WORK
     for argument, rules in constraints.items():
         if argument not in arguments:
             continue
@@ -192,9 +218,27 @@ def check_arguments(constraints: Mapping[str, list[Constraint]], arguments: Mapp
         items = value if isinstance(value, list) else [value]
         for rule in rules:
             kind = next(iter(rule))
+            if kind == "pattern":
+                work -= _pattern_work(rule[kind], items)
+                if work < 0:
+                    problems.append(
+                        f"argument {argument!r}: pattern constraints need more matching than allowed"
+                    )
+                    return problems
             if not all(_satisfies(item, kind, rule[kind]) for item in items):
                 problems.append(f"argument {argument!r} violates constraint {kind}")
     return problems
+
+
+def _pattern_work(pattern: str, items: list[Any]) -> int:
+    """What matching `pattern` against `items` may cost at worst: RE2 program size times value length
+    (RE2's slowest path, when its DFA gives up, is linear in both)."""
+    try:
+        size = int(compiled_pattern(pattern).programsize)
+    except re2.error:
+        return 0  # fails every value (see _satisfies), at no cost
+    lengths = (len(item if isinstance(item, str) else str(item)) for item in items)
+    return size * sum(n for n in lengths if n <= MAX_PATTERN_INPUT)
 
 
 def _satisfies(value: Any, kind: str, bound: Any) -> bool:
@@ -205,64 +249,51 @@ def _satisfies(value: Any, kind: str, bound: Any) -> bool:
             return False
         return bool(value >= bound if kind == "min" else value <= bound)
     text = value if isinstance(value, str) else str(value)
-    if kind == "pattern":
-        # Bounded input: patterns are short (parse() caps them) and so are the values they may match.
-        return len(text) <= MAX_PATTERN_INPUT and re.fullmatch(bound, text) is not None
+    if kind == "pattern":  # fail closed on a value too long to match: never truncated
+        if len(text) > MAX_PATTERN_INPUT:
+            return False
+        try:
+            return compiled_pattern(bound).fullmatch(text) is not None
+        except re2.error:  # a token issued before patterns were checked at exchange
+            return False
     if kind == "prefix":
         return text.startswith(str(bound))
     if kind == "max_length":
         return len(text) <= int(bound)
     if kind == "hosts":
-        host = _host_of(text)
-        return host is not None and any(host_covered(host, pattern) for pattern in bound)
+        hosts = _hosts_of(text)
+        return bool(hosts) and all(any(host_covered(h, pattern) for pattern in bound) for h in hosts)
     return False  # unknown kinds never pass (they cannot be created: parse() refuses them)
 
 
-# Hosts ------------------------------------------------------------------------------------------------
-def host_covered(host: str, pattern: str) -> bool:
-    """`*` covers every host; `*.example.com` covers its subdomains (and narrower wildcards of them)."""
-    host, pattern = host.lower(), pattern.lower()
-    if pattern == "*":
-        return True
-    if pattern.startswith("*."):
-        suffix = pattern[1:]
-        return host.endswith(suffix) and len(host) > len(suffix)
-    return host == pattern
+@lru_cache(maxsize=1024)
+def compiled_pattern(pattern: str) -> Any:
+    """A `pattern` constraint compiled by RE2 (linear time in the input, whatever the pattern: no
+    backtracking). Raises re2.error for what RE2 cannot compile or what exceeds the bounds."""
+    options = re2.Options()
+    options.max_mem = PATTERN_MAX_MEM
+    options.never_capture = True  # a yes/no answer needs no groups: RE2 answers it with its DFA
+    options.log_errors = False
+    regex = re2.compile(pattern, options)
+    if regex.programsize > MAX_PATTERN_PROGRAM:
+        raise re2.error(f"compiles to {regex.programsize} RE2 instructions (at most {MAX_PATTERN_PROGRAM})")
+    return regex
 
 
-def url_hosts(arguments: Any) -> set[str]:
-    """Hosts named by URL-like strings anywhere in the arguments (nested values and free text)."""
+def _hosts_of(text: str) -> set[str]:
+    """The hosts a value meant as one URL or host reaches (empty: none, or unreadable)."""
     hosts: set[str] = set()
-    for text in _strings(arguments):
-        for match in _URL_IN_TEXT.finditer(text[:100_000]):
-            host = _host_of(match.group(0))
-            if host:
-                hosts.add(host)
+    for mention in find_urls(text, whole=True):
+        if mention.refused:
+            return set()
+        hosts.update(mention.hosts)
     return hosts
 
 
-def _host_of(text: str) -> str | None:
-    candidate = text.strip()
-    if "://" not in candidate:
-        candidate = "http://" + candidate
-    try:
-        host = urlsplit(candidate).hostname
-    except ValueError:
-        return None
-    return host.lower().rstrip(".") if host else None
-
-
-def _strings(value: Any, depth: int = 0) -> Iterable[str]:
-    if depth > 32:
-        return
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, Mapping):
-        for item in value.values():
-            yield from _strings(item, depth + 1)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from _strings(item, depth + 1)
+# Hosts ------------------------------------------------------------------------------------------------
+def url_hosts(arguments: Any) -> set[str]:
+    """Hosts named by URLs and host names anywhere in the arguments (nested values and free text)."""
+    return call_egress(arguments).hosts
 
 
 # Validation of requests -------------------------------------------------------------------------------
@@ -280,15 +311,25 @@ def _tool_names(value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(value))
 
 
-def _hosts(value: Any) -> tuple[str, ...]:
+def _egress_entries(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or len(value) > MAX_HOSTS:
-        raise GrantError(f"egress must be a list of at most {MAX_HOSTS} host names")
-    hosts = []
-    for host in value:
-        if not isinstance(host, str) or not _HOST.match(host.lower()):
-            raise GrantError(f"egress host {str(host)[:80]!r} must be a host name, '*.domain' or '*'")
-        hosts.append(host.lower())
-    return tuple(dict.fromkeys(hosts))
+        raise GrantError(f"egress must be a list of at most {MAX_HOSTS} entries")
+    entries = []
+    for entry in value:
+        if not isinstance(entry, str):
+            raise GrantError("egress entries must be strings")
+        try:
+            entries.append(parse_entry(entry))
+        except ValueError as exc:
+            raise GrantError(str(exc)) from None
+    return tuple(dict.fromkeys(entries))
+
+
+def _host_patterns(value: Any, where: str) -> list[str]:
+    entries = _egress_entries(value)
+    if any(":" in entry for entry in entries):
+        raise GrantError(f"hosts on {where} must be host names, '*.domain' or '*' (no scheme)")
+    return list(entries)
 
 
 def _budget(value: Any) -> dict[str, int]:
@@ -335,16 +376,25 @@ def _constraint(rule: Any, where: str) -> Constraint:
     elif kind == "max_length":
         _positive_int(bound, f"max_length on {where}")
     elif kind == "hosts":
-        bound = list(_hosts(bound))
+        bound = _host_patterns(bound, where)
     else:  # pattern, prefix
         if not isinstance(bound, str) or len(bound) > MAX_PATTERN_LENGTH:
             raise GrantError(f"{kind} on {where} must be a string of at most {MAX_PATTERN_LENGTH} characters")
         if kind == "pattern":
-            try:
-                re.compile(bound)
-            except re.error as exc:
-                raise GrantError(f"pattern on {where} is not a valid regular expression: {exc}") from None
+            _check_pattern(bound, where)
     return {kind: bound}
+
+
+def _check_pattern(pattern: str, where: str) -> None:
+    try:
+        compiled_pattern(pattern)
+    except re2.error as exc:
+        detail = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise GrantError(
+            f"pattern on {where} is refused: {detail[:120]}. Patterns use RE2 syntax (linear-time "
+            "matching: no backreferences, no lookaround), must compile within the size limits, and match "
+            "the whole value"
+        ) from None
 
 
 __all__ = [
@@ -353,6 +403,7 @@ __all__ = [
     "TaskGrant",
     "attenuate",
     "check_arguments",
+    "compiled_pattern",
     "host_covered",
     "unlisted_tools",
     "url_hosts",
