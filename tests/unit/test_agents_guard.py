@@ -369,38 +369,39 @@ def test_trace_validation() -> None:
 
 
 # Session stores ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["memory", "redis"])
-def test_session_stores_agree(kind: str) -> None:
+async def check_session_store(store: Any) -> None:
+    """What every session store answers alike (in-process, Redis, SQL: tests/unit/test_sql_sessions.py)."""
     from ztai.agents.provenance import Observed
 
-    async def scenario() -> None:
-        if kind == "redis":
-            url = redis_url_or_skip(os.environ.get("ZTAI_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
-            import redis.asyncio as aioredis
+    session = "tsk_" + secrets.token_hex(8)
+    trusted = Observed(values={b"a" * 8})
+    untrusted = Observed(values={b"b" * 8, b"a" * 8}, suspicious={b"c" * 8}, max_probability=0.93)
+    await store.record("t", session, trusted, trusted=True, source="user", flagged=False)
+    state = await store.record("t", session, untrusted, trusted=False, source="mcp:m/read", flagged=True)
+    assert state.tainted and state.flagged and state.max_injection_score == 93
+    state, seen = await store.lookup("t", session, {b"a" * 8, b"b" * 8, b"c" * 8, b"d" * 8})
+    assert seen == {
+        b"a" * 8: FLAG_TRUSTED | FLAG_UNTRUSTED,
+        b"b" * 8: FLAG_UNTRUSTED,
+        b"c" * 8: FLAG_SUSPICIOUS | FLAG_UNTRUSTED,
+    }
+    assert state.untrusted_sources == {"mcp:m/read"}
+    other, none = await store.lookup("other-tenant", session, {b"a" * 8})
+    assert not other.tainted and none == {}
+    chain = ((session, 2), (session + "x", None))
+    assert [await store.spend_call("t", chain) for _ in range(3)] == [None, None, session]
+    assert await store.spend_call("t", ((session + "x", 3),)) is None  # the refusal counted nowhere
+    assert await store.spend_call("t", ((session + "x", 3),)) == session + "x"
+    assert (await store.lookup("t", session, set()))[0].calls == 2  # the root session's calls
+    await store.close()
 
-            store: Any = RedisSessionStore(aioredis.Redis.from_url(url), ttl_seconds=60)
-        else:
-            store = MemorySessionStore(ttl_seconds=60)
-        session = "tsk_" + secrets.token_hex(8)
-        trusted = Observed(values={b"a" * 8})
-        untrusted = Observed(values={b"b" * 8, b"a" * 8}, suspicious={b"c" * 8}, max_probability=0.93)
-        await store.record("t", session, trusted, trusted=True, source="user", flagged=False)
-        state = await store.record("t", session, untrusted, trusted=False, source="mcp:m/read", flagged=True)
-        assert state.tainted and state.flagged and state.max_injection_score == 93
-        state, seen = await store.lookup("t", session, {b"a" * 8, b"b" * 8, b"c" * 8, b"d" * 8})
-        assert seen == {
-            b"a" * 8: FLAG_TRUSTED | FLAG_UNTRUSTED,
-            b"b" * 8: FLAG_UNTRUSTED,
-            b"c" * 8: FLAG_SUSPICIOUS | FLAG_UNTRUSTED,
-        }
-        assert state.untrusted_sources == {"mcp:m/read"}
-        other, none = await store.lookup("other-tenant", session, {b"a" * 8})
-        assert not other.tainted and none == {}
-        chain = ((session, 2), (session + "x", None))
-        assert [await store.spend_call("t", chain) for _ in range(3)] == [None, None, session]
-        assert await store.spend_call("t", ((session + "x", 3),)) is None  # the refusal counted nowhere
-        assert await store.spend_call("t", ((session + "x", 3),)) == session + "x"
-        assert (await store.lookup("t", session, set()))[0].calls == 2  # the root session's calls
-        await store.close()
 
-    run(scenario())
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_session_stores_agree(kind: str) -> None:
+    store: Any = MemorySessionStore(ttl_seconds=60)
+    if kind == "redis":
+        url = redis_url_or_skip(os.environ.get("ZTAI_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
+        import redis.asyncio as aioredis
+
+        store = RedisSessionStore(aioredis.Redis.from_url(url), ttl_seconds=60)
+    run(check_session_store(store))

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from tests.unit.test_agents_guard import check_session_store
 from ztai.agents.provenance import Observed
 from ztai.agents.session import FLAG_SUSPICIOUS, FLAG_TRUSTED, FLAG_UNTRUSTED
 from ztai.agents.sql_sessions import SqlSessionStore
@@ -31,28 +32,7 @@ def key(n: int) -> bytes:
 
 
 async def test_the_sql_store_agrees_with_the_others(databases: tuple[Database, Database]) -> None:
-    store = SqlSessionStore(databases[0], ttl_seconds=60)
-    session = "tsk_" + secrets.token_hex(8)
-    trusted = Observed(values={b"a" * 8})
-    untrusted = Observed(values={b"b" * 8, b"a" * 8}, suspicious={b"c" * 8}, max_probability=0.93)
-    await store.record("t", session, trusted, trusted=True, source="user", flagged=False)
-    state = await store.record("t", session, untrusted, trusted=False, source="mcp:m/read", flagged=True)
-    assert state.tainted and state.flagged and state.max_injection_score == 93
-    state, seen = await store.lookup("t", session, {b"a" * 8, b"b" * 8, b"c" * 8, b"d" * 8})
-    assert seen == {
-        b"a" * 8: FLAG_TRUSTED | FLAG_UNTRUSTED,
-        b"b" * 8: FLAG_UNTRUSTED,
-        b"c" * 8: FLAG_SUSPICIOUS | FLAG_UNTRUSTED,
-    }
-    assert state.untrusted_sources == {"mcp:m/read"}
-    other, none = await store.lookup("other-tenant", session, {b"a" * 8})
-    assert not other.tainted and none == {}
-    chain = ((session, 2), (session + "x", None))
-    assert await store.spend_call("t", chain) is None and await store.spend_call("t", chain) is None
-    assert await store.spend_call("t", chain) == session  # the root's limit: nothing counted
-    assert await store.spend_call("t", ((session + "x", 2),)) == session + "x"  # it counted twice
-    state, _ = await store.lookup("t", session, set())
-    assert state.calls == 2
+    await check_session_store(SqlSessionStore(databases[0], ttl_seconds=60))
 
 
 async def test_workers_sharing_the_store_lose_no_update(databases: tuple[Database, Database]) -> None:
