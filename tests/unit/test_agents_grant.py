@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.unit.test_agents_guard import INJECTED, MAIL_TOOLS, FakeApprovals, run, task_principal
+from tests.unit.test_agents_guard import INJECTED, MAIL_TOOLS, FakeApprovals, make_guard, run, task_principal
 from ztai.agents.guard import AgentGuard
 from ztai.config import load_settings
 from ztai.identity.grants import TaskGrant
@@ -138,3 +138,12 @@ def test_step_up_cannot_release_a_call_outside_the_grant(tmp_path: Path) -> None
     principal = task_principal(GRANT)
     assert run(guard.authorize(principal, "mail", *UNGRANTED, route="t")).effect == "deny"
     assert run(guard.authorize(principal, "mail", *WITHIN, route="t")).effect == "step_up"
+
+
+def test_a_call_outside_the_grant_says_so(tmp_path: Path) -> None:
+    guard = make_guard(tmp_path, [])
+    principal = task_principal(TaskGrant(tools=("mail/read_inbox",), egress=("example.org",)))
+    decision = run(guard.authorize(principal, "mail", "send_email", {"recipients": ["a@b.org"]}, route="t"))
+    error = decision.error()
+    assert decision.effect == "deny" and error.code == "outside_grant"
+    assert "mail/send_email is not granted" in error.message

@@ -71,6 +71,7 @@ class ToolDecision:
     obligations: list[str]
     decision_id: str
     approval_id: str | None = None
+    outside_grant: tuple[str, ...] = ()  # why the call is outside the task grant (names parts, not values)
 
     @property
     def allowed(self) -> bool:
@@ -92,6 +93,12 @@ class ToolDecision:
         if self.effect == "step_up":
             return StepUpRequired(
                 "step-up authentication required for this call", decision_id=self.decision_id
+            )
+        if self.outside_grant:
+            return PermissionDenied(
+                "tool call outside the task grant: " + "; ".join(self.outside_grant)[:500],
+                decision_id=self.decision_id,
+                code="outside_grant",
             )
         return PermissionDenied("tool call denied by policy", decision_id=self.decision_id)
 
@@ -273,7 +280,7 @@ class AgentGuard:
             },
         )
         await self.record(event)
-        return ToolDecision(effect, reasons, decision.obligations, decision_id, approval_id)
+        return ToolDecision(effect, reasons, decision.obligations, decision_id, approval_id, tuple(problems))
 
     async def _check_grant(
         self, task: TaskClaims | None, server: str, tool: str, arguments: Mapping[str, Any]
