@@ -47,6 +47,8 @@ class StoreSettings(_Section):
     # Shared fast state for several replicas: agent sessions, task revocations (pub/sub). Empty:
     # in-process state (one process) and revocations shared through the database by polling.
     redis_url: str = ""
+    # Connect and command timeout of every Redis call: an outage answers 503 within this, never hangs.
+    redis_timeout_seconds: float = Field(2.0, gt=0, le=30)
 
     @field_validator("redis_url")
     @classmethod

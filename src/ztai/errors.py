@@ -123,3 +123,9 @@ class PolicyEvaluationError(ZtaiError):
 class StoreError(ZtaiError):
     status = 503
     code = "store_unavailable"
+
+
+class SharedStateUnavailable(StoreError):
+    """Redis (`store.redis_url`) could not be reached or answered an error: refuse (503), never allow."""
+
+    code = "shared_state_unavailable"

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ztai.agents.provenance import Observed
+from ztai.store.shared import shared_state
 
 FLAG_TRUSTED, FLAG_UNTRUSTED, FLAG_SUSPICIOUS = 1, 2, 4
 # (task id, that task's call limit or None for unlimited) for every task of a chain, root first.
@@ -218,6 +219,7 @@ return 0
     def _key(tenant: str, session: str) -> str:
         return f"ztai:s:{tenant}:{session}"
 
+    @shared_state("record the session")
     async def record(
         self, tenant: str, session: str, observed: Observed, *, trusted: bool, source: str, flagged: bool
     ) -> SessionState:
@@ -254,6 +256,7 @@ return 0
         state, _ = await self.lookup(tenant, session, set())
         return state
 
+    @shared_state("read the session")
     async def lookup(
         self, tenant: str, session: str, keys: set[bytes]
     ) -> tuple[SessionState, dict[bytes, int]]:
@@ -280,6 +283,7 @@ return 0
                     found[key] = int(value)
         return state, found
 
+    @shared_state("count the call")
     async def spend_call(self, tenant: str, chain: ChainLimits) -> str | None:
         if not chain:
             return None

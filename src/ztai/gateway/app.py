@@ -35,6 +35,7 @@ from ztai.gateway.responses import (
     handle_ztai_error,
 )
 from ztai.gateway.runtime import Runtime
+from ztai.store import shared
 
 CONFIG_ENV = "ZTAI_CONFIG"
 UPSTREAMS_ENV = "ZTAI_SERVE_UPSTREAMS"  # JSON of `--upstream` additions, handed to worker processes
@@ -45,6 +46,8 @@ async def healthz(_request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """Each dependency and its state ("ok" or why not): store (the database), redis (when configured),
+    keys, audit (the writer), revocations; 503 while any is not ok."""
     runtime: Runtime = request.app.state.runtime
     checks: dict[str, str] = {}
     try:
@@ -52,6 +55,12 @@ async def readyz(request: Request) -> Response:
         checks["store"] = "ok"
     except StoreError as exc:
         checks["store"] = exc.message
+    if runtime.redis is not None:
+        try:
+            await shared.ping(runtime.redis)
+            checks["redis"] = "ok"
+        except StoreError as exc:
+            checks["redis"] = exc.message
     checks["keys"] = "ok" if runtime.keys.signing and runtime.keys.audit else "missing"
     checks["audit"] = "ok" if runtime.audit.healthy else "audit writer failing"
     try:

@@ -10,6 +10,9 @@ import logging
 import signal
 from dataclasses import dataclass
 
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
 from ztai.agents.approvals import ApprovalStore
 from ztai.agents.guard import AgentGuard
 from ztai.agents.session import MemorySessionStore, RedisSessionStore, SessionStore
@@ -31,6 +34,7 @@ from ztai.identity.task_tokens import task_claims
 from ztai.identity.tokens import Principal
 from ztai.policy import PolicyEngine, model_entities
 from ztai.store import Database, open_database
+from ztai.store.shared import async_client
 
 log = logging.getLogger("ztai.gateway")
 
@@ -79,16 +83,15 @@ def _route_inspectors(settings: Settings, canaries: CanaryDetector | None) -> di
     }
 
 
-def _session_store(settings: Settings, database: Database) -> SessionStore:
+def _session_store(settings: Settings, database: Database, redis: aioredis.Redis | None) -> SessionStore:
     """Agent sessions where `agents.session_store` says: Redis or the SQL store (shared by workers and
     replicas), or this process."""
     agents = settings.agents
     backend = settings.session_backend()
     if backend == "redis":
-        from ztai.store.shared import async_client
-
+        assert redis is not None  # the settings refuse session_store redis without store.redis_url
         return RedisSessionStore(
-            async_client(settings.store.redis_url),
+            redis,
             ttl_seconds=agents.session_ttl_seconds,
             max_values=agents.max_session_values,
             count_ttl_seconds=agents.max_task_ttl_seconds,
@@ -105,6 +108,13 @@ def _session_store(settings: Settings, database: Database) -> SessionStore:
         max_values=agents.max_session_values,
         count_ttl_seconds=agents.max_task_ttl_seconds,
     )
+
+
+def _redis_client(settings: Settings) -> aioredis.Redis | None:
+    """The client of `store.redis_url` (connects lazily), with the configured timeouts; None unset."""
+    if not settings.store.redis_url:
+        return None
+    return async_client(settings.store.redis_url, settings.store.redis_timeout_seconds)
 
 
 @dataclass
@@ -129,6 +139,7 @@ class Runtime:
     _vault_purger: asyncio.Task[None] | None = None
     _session_purger: asyncio.Task[None] | None = None
     _revocation_feed: RevocationFeed | None = None  # Redis pub/sub of revocations, when configured
+    redis: aioredis.Redis | None = None  # the shared client of `store.redis_url` (sessions, readiness)
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
@@ -163,6 +174,7 @@ class Runtime:
         canaries = CanaryDetector(canary_key) if settings.detect.canaries else None
         finding_key = hashlib.sha256(b"ztai finding hash\0" + raw_audit_key).digest()
         approvals = ApprovalStore(database)
+        redis = _redis_client(settings)
         vault = settings.detect.vault
         vault_keys = VaultKeys.load(raw_audit_key) if vault.enabled else None
         vault_store = (
@@ -175,7 +187,7 @@ class Runtime:
             policy,
             audit.record,
             finding_key,
-            sessions=_session_store(settings, database),
+            sessions=_session_store(settings, database, redis),
             approvals=approvals,
             canaries=canaries,
         )
@@ -197,6 +209,7 @@ class Runtime:
             approvals,
             vault_keys,
             vault_store,
+            redis=redis,
         )
 
     async def start(self) -> None:
@@ -231,6 +244,9 @@ class Runtime:
         await self.upstreams.close()
         if self.agents is not None:
             await self.agents.sessions.close()
+        if self.redis is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self.redis.aclose()  # idempotent: the Redis session store may have closed it
         await asyncio.to_thread(self.audit.stop)
         self.database.close()
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
 
 import redis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+
+from ztai.errors import SharedStateUnavailable
 
 log = logging.getLogger("ztai.store")
 
@@ -24,13 +28,46 @@ _RECONNECT_FIRST = 0.1
 _RECONNECT_MAX = 5.0
 _POLL_SECONDS = 1.0  # how long one read on the subscription waits before the loop checks its health
 
+P = ParamSpec("P")
+R = TypeVar("R")
 
-def async_client(url: str) -> aioredis.Redis:
-    """A pooled asyncio client for `url` with short timeouts (a stalled Redis must not stall requests)."""
+
+AsyncFunction = Callable[P, Coroutine[Any, Any, R]]
+
+
+def shared_state(what: str) -> Callable[[AsyncFunction[P, R]], AsyncFunction[P, R]]:
+    """Decorate an async method that uses Redis: a Redis failure (connection refused or lost, timeout,
+    an error reply) becomes SharedStateUnavailable naming `what` (503), never a raw driver error.
+    The client reconnects by itself, so the first call after Redis is back succeeds."""
+
+    def decorate(function: AsyncFunction[P, R]) -> AsyncFunction[P, R]:
+        @functools.wraps(function)
+        async def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return await function(*args, **kwargs)
+            except (RedisError, OSError) as exc:
+                raise SharedStateUnavailable(
+                    f"cannot {what}: Redis unavailable ({type(exc).__name__})"
+                ) from exc
+
+        return guarded
+
+    return decorate
+
+
+@shared_state("reach Redis")
+async def ping(client: aioredis.Redis) -> None:
+    """Raise SharedStateUnavailable unless Redis answers a PING within the client's timeouts."""
+    await client.ping()
+
+
+def async_client(url: str, timeout: float = COMMAND_TIMEOUT) -> aioredis.Redis:
+    """A pooled asyncio client for `url` with short connect and command timeouts (`timeout` seconds):
+    a stalled Redis must not stall requests."""
     return aioredis.Redis.from_url(
         url,
-        socket_connect_timeout=CONNECT_TIMEOUT,
-        socket_timeout=COMMAND_TIMEOUT,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
         socket_keepalive=True,
         health_check_interval=10,
     )
@@ -149,4 +186,4 @@ class PubSubChannel:
             self._client = None
 
 
-__all__ = ["PubSubChannel", "async_client", "publish_once"]
+__all__ = ["PubSubChannel", "async_client", "ping", "publish_once", "shared_state"]
