@@ -112,3 +112,12 @@ def test_agent_sessions_are_shared_whenever_several_processes_serve(
     assert problem is not None and "store.redis_url" in problem and "--workers 1" in problem
     with pytest.raises(ConfigError, match="session_store redis needs store.redis_url"):
         load_settings(agents={"session_store": "redis"})
+
+
+def test_redis_timeouts_are_short_and_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_settings().store.redis_timeout_seconds == 2.0
+    assert load_settings(store={"redis_timeout_seconds": 0.5}).store.redis_timeout_seconds == 0.5
+    for wrong in (0, -1, 31):
+        with pytest.raises(ConfigError, match="redis_timeout_seconds"):
+            load_settings(store={"redis_timeout_seconds": wrong})

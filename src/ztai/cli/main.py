@@ -61,6 +61,8 @@ server:
 store:
   url: ""                  # empty: SQLite in data_dir; or postgresql+psycopg://user@host/db
   sqlite_synchronous: FULL # FULL: every audit commit survives power loss
+  # redis_url: redis://127.0.0.1:6379/0   # shared fast state for several replicas
+  # redis_timeout_seconds: 2              # a Redis outage answers 503 within this
 
 identity:
   audience: ztai
