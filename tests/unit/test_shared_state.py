@@ -3,6 +3,7 @@ uses Redis, raised within the client's timeouts; the protocols map it to their 5
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 
@@ -73,3 +74,18 @@ async def test_an_error_reply_is_refused_too_and_other_errors_pass_through() -> 
         await failing(ResponseError("NOSCRIPT"))
     with pytest.raises(ValueError):
         await failing(ValueError("a bug, not an outage"))
+
+
+async def test_a_redis_that_accepts_but_never_answers_times_out_into_the_error() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # reads until the client gives up; never answers
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = shared.async_client(f"redis://127.0.0.1:{port}/0", timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(SharedStateUnavailable, match="cannot count the call"):
+        await RedisSessionStore(client, ttl_seconds=60).spend_call("t", [("task", 3)])
+    assert time.monotonic() - started < 3
+    await client.aclose()
+    server.close()
