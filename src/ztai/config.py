@@ -56,6 +56,17 @@ class StoreSettings(_Section):
         return value
 
 
+AUTHORITY_CLAIMS = ("models", "groups", "scopes", "tools", "roles")
+
+
+class ClaimMapping(_Section):
+    """How one of an external issuer's claims becomes a ztai authority claim: its values are translated
+    through `values`; a value not listed there is dropped (never passed through)."""
+
+    claim: str = Field("", max_length=128)  # the issuer's claim to read; empty: the same name
+    values: dict[str, str] = Field(default_factory=dict, max_length=1024)  # issuer value -> ztai value
+
+
 class ExternalIssuerSettings(_Section):
     """An external OIDC issuer whose tokens are accepted (verified against its JWKS)."""
 
@@ -70,6 +81,9 @@ class ExternalIssuerSettings(_Section):
     algorithms: list[str] = ["RS256", "ES256", "EdDSA"]
     principal_kind: Literal["user", "agent", "service", "model"] = "user"
     subject_claim: str = "sub"
+    # The authority claims policies read (roles, models, tools, groups, scopes) count only through this
+    # map, e.g. {roles: {claim: groups, values: {idp-admins: admin}}}: an unmapped one is dropped.
+    claim_map: dict[Literal["models", "groups", "scopes", "tools", "roles"], ClaimMapping] = {}
 
     @model_validator(mode="after")
     def _one_jwks_source(self) -> ExternalIssuerSettings:

@@ -402,6 +402,8 @@ def test_external_issuer_token_with_task_claims_is_not_a_task_token(ztai_home: P
     jwk = {**ECAlgorithm.to_jwk(key.public_key(), as_dict=True), "kid": "idp-1"}
     (ztai_home / "idp.json").write_text(json.dumps({"keys": [jwk]}))
     issuer = {"issuer": IDP, "audience": "ztai", "jwks_file": "idp.json", "algorithms": ["ES256"]}
+    # The issuer's tools count only because they are mapped (an unmapped `tools` claim is dropped).
+    issuer["claim_map"] = {"tools": {"values": {"files/*": "files/*"}}}
     world = world_with(ztai_home, identity={"external_issuers": [issuer]})
     now = int(time.time())
     smuggled = "tsk_" + "e" * 32
