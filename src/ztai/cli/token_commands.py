@@ -170,6 +170,7 @@ def _exchange(config: Path, fields: dict[str, str]) -> str:
         request = ExchangeRequest.from_fields(fields, max_token_bytes=settings.identity.max_token_bytes)
         parties = tokens.parties(request)
         issued = tokens.exchange(request, parties, policy_authorizer(settings, audit_log))
+        revocations.record_task(issued.token.tenant, issued.task.task_id, issued.token.expires_at)
         details = {**issued.audit_details(), "by": "cli"}
         audit_log.append(
             [
