@@ -67,6 +67,9 @@ class ClaimMapping(_Section):
     values: dict[str, str] = Field(default_factory=dict, max_length=1024)  # issuer value -> ztai value
 
 
+ClaimMap = dict[Literal["models", "groups", "scopes", "tools", "roles"], ClaimMapping]
+
+
 class ExternalIssuerSettings(_Section):
     """An external OIDC issuer whose tokens are accepted (verified against its JWKS)."""
 
@@ -83,7 +86,7 @@ class ExternalIssuerSettings(_Section):
     subject_claim: str = "sub"
     # The authority claims policies read (roles, models, tools, groups, scopes) count only through this
     # map, e.g. {roles: {claim: groups, values: {idp-admins: admin}}}: an unmapped one is dropped.
-    claim_map: dict[Literal["models", "groups", "scopes", "tools", "roles"], ClaimMapping] = {}
+    claim_map: ClaimMap = {}
 
     @model_validator(mode="after")
     def _one_jwks_source(self) -> ExternalIssuerSettings:
@@ -103,6 +106,7 @@ class SpiffeBundleSettings(_Section):
     trust_domain: str
     bundle_file: str
     audience: str = "ztai"
+    claim_map: ClaimMap = {}  # as for external_issuers: a JWT-SVID's authority claims count only mapped
 
 
 class IdentitySettings(_Section):

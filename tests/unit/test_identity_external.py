@@ -584,6 +584,19 @@ def test_jwt_svid_verifies(prod_key: ec.EllipticCurvePrivateKey, svid_verifier: 
     assert svid_verifier.verify(token) is principal
 
 
+def test_jwt_svid_authority_claims_count_only_mapped(
+    ztai_home: Path, prod_key: ec.EllipticCurvePrivateKey, database: Database
+) -> None:
+    write_bundle(ztai_home / "prod-bundle.json", ec_jwk(prod_key, "svid-1"))
+    bundle = {"trust_domain": PROD, "bundle_file": "prod-bundle.json"}
+    plain = make_verifier(spiffe_settings(ztai_home, bundle), database)
+    token = svid_token(prod_key, roles=["admin"], models=["*"], tools=["files/*"])
+    assert not {"roles", "models", "tools"} & set(plain.verify(token).claims)
+    mapped = {**bundle, "claim_map": {"roles": {"values": {"spire-admin": "admin"}}}}
+    verifier = make_verifier(spiffe_settings(ztai_home, mapped), database)
+    assert verifier.verify(svid_token(prod_key, roles=["spire-admin", "admin"])).claims["roles"] == ["admin"]
+
+
 def test_jwt_svid_keeps_its_iss_and_jti(
     prod_key: ec.EllipticCurvePrivateKey, svid_verifier: TokenVerifier
 ) -> None:

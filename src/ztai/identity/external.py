@@ -19,7 +19,7 @@ from typing import Any
 import jwt
 from spiffe import JwtBundle, JwtSvid, TrustDomain
 
-from ztai.config import AUTHORITY_CLAIMS, ExternalIssuerSettings, Settings, SpiffeBundleSettings
+from ztai.config import AUTHORITY_CLAIMS, ClaimMap, ExternalIssuerSettings, Settings, SpiffeBundleSettings
 from ztai.errors import AuthenticationError, ConfigError, MalformedRequest
 from ztai.identity.spiffe_ids import parse_spiffe_id
 
@@ -91,6 +91,19 @@ class JwksCache:
         return document
 
 
+def map_authority(claims: dict[str, Any], claim_map: ClaimMap) -> dict[str, Any]:
+    """Another issuer's `claims` with its authority claims (roles, models, tools, groups, scopes) replaced
+    by what `claim_map` makes of them: only mapped values count, anything else it says is dropped."""
+    mapped = {name: value for name, value in claims.items() if name not in AUTHORITY_CLAIMS}
+    for name, mapping in claim_map.items():
+        source = claims.get(mapping.claim or name)
+        given = [source] if isinstance(source, str) else source if isinstance(source, list) else []
+        values = {mapping.values[v] for v in given if isinstance(v, str) and v in mapping.values}
+        if values:
+            mapped[name] = sorted(values)
+    return mapped
+
+
 class ExternalIssuer:
     """Verifies tokens of one OIDC issuer and maps their subject to a ztai principal."""
 
@@ -113,19 +126,7 @@ class ExternalIssuer:
             leeway=self._leeway,
             options={"require": ["exp", "iat", "sub", "iss", "aud"]},
         )
-        return self.map_authority(claims)
-
-    def map_authority(self, claims: dict[str, Any]) -> dict[str, Any]:
-        """`claims` with its authority claims (roles, models, tools, groups, scopes) replaced by what
-        `claim_map` makes of them: only mapped values count, anything else the issuer says is dropped."""
-        mapped = {name: value for name, value in claims.items() if name not in AUTHORITY_CLAIMS}
-        for name, mapping in self.settings.claim_map.items():
-            source = claims.get(mapping.claim or name)
-            given = [source] if isinstance(source, str) else source if isinstance(source, list) else []
-            values = {mapping.values[v] for v in given if isinstance(v, str) and v in mapping.values}
-            if values:
-                mapped[name] = sorted(values)
-        return mapped
+        return map_authority(claims, self.settings.claim_map)
 
     def subject_path(self, claims: dict[str, Any]) -> str:
         """`<kind>/<issuer name>/<sub>` for the SPIFFE ID of this issuer's subject.
@@ -190,4 +191,4 @@ class SpiffeTrust:
         claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
         claims["exp"] = svid.expiry
         claims.setdefault("iss", f"spiffe://{self.settings.trust_domain}")
-        return claims
+        return map_authority(claims, self.settings.claim_map)
