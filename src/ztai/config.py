@@ -58,6 +58,20 @@ class StoreSettings(_Section):
         return value
 
 
+AUTHORITY_CLAIMS = ("models", "groups", "scopes", "tools", "roles")
+
+
+class ClaimMapping(_Section):
+    """How one of an external issuer's claims becomes a ztai authority claim: its values are translated
+    through `values`; a value not listed there is dropped (never passed through)."""
+
+    claim: str = Field("", max_length=128)  # the issuer's claim to read; empty: the same name
+    values: dict[str, str] = Field(default_factory=dict, max_length=1024)  # issuer value -> ztai value
+
+
+ClaimMap = dict[Literal["models", "groups", "scopes", "tools", "roles"], ClaimMapping]
+
+
 class ExternalIssuerSettings(_Section):
     """An external OIDC issuer whose tokens are accepted (verified against its JWKS)."""
 
@@ -72,6 +86,9 @@ class ExternalIssuerSettings(_Section):
     algorithms: list[str] = ["RS256", "ES256", "EdDSA"]
     principal_kind: Literal["user", "agent", "service", "model"] = "user"
     subject_claim: str = "sub"
+    # The authority claims policies read (roles, models, tools, groups, scopes) count only through this
+    # map, e.g. {roles: {claim: groups, values: {idp-admins: admin}}}: an unmapped one is dropped.
+    claim_map: ClaimMap = {}
 
     @model_validator(mode="after")
     def _one_jwks_source(self) -> ExternalIssuerSettings:
@@ -91,6 +108,7 @@ class SpiffeBundleSettings(_Section):
     trust_domain: str
     bundle_file: str
     audience: str = "ztai"
+    claim_map: ClaimMap = {}  # as for external_issuers: a JWT-SVID's authority claims count only mapped
 
 
 class IdentitySettings(_Section):

@@ -20,9 +20,10 @@ from pydantic import ValidationError
 
 import ztai.identity.external as external_module
 from ztai.config import ExternalIssuerSettings, Settings, load_settings
-from ztai.errors import AuthenticationError, ConfigError
+from ztai.errors import AuthenticationError, ConfigError, MalformedRequest
 from ztai.identity import KeyStore, RevocationList, TokenVerifier
-from ztai.identity.external import ExternalIssuer
+from ztai.identity.external import ExternalIssuer, foreign_owner, refuse_foreign_subject
+from ztai.policy import principal_context
 from ztai.store import Database
 
 IDP = "https://idp.example.com"
@@ -134,7 +135,7 @@ def test_external_token_maps_to_a_user(rsa_key: rsa.RSAPrivateKey, idp_verifier:
     )
     assert principal.issuer == IDP
     assert principal.claims["email"] == "alice@example.com"
-    assert principal.claim_set("groups") == ["ml"]
+    assert principal.claim_set("groups") == []  # an authority claim, and this issuer maps none
     # Without a `jti` the token's digest stands in (so the token can still be revoked).
     assert len(principal.jti) == 40 and int(principal.jti, 16) >= 0
     assert principal.expires_at == exp
@@ -150,6 +151,90 @@ def test_external_subjects_never_collide_with_ztai_identities_or_other_issuers(
     assert default.verify(idp_token(rsa_key)).spiffe_id != "spiffe://example.org/user/alice"
     with pytest.raises(ValidationError):
         ExternalIssuerSettings(issuer=IDP, audience=IDP_AUDIENCE, jwks_file=IDP_JWKS, name="bad/name")
+
+
+@pytest.mark.parametrize("claim", ["roles", "models", "tools", "groups", "scopes"])
+def test_unmapped_authority_claims_of_an_external_issuer_are_dropped(
+    claim: str, rsa_key: rsa.RSAPrivateKey, idp_verifier: TokenVerifier
+) -> None:
+    principal = idp_verifier.verify(idp_token(rsa_key, **{claim: ["admin", "*"], "email": "a@b.c"}))
+    assert claim not in principal.claims
+    assert principal.claim_set(claim) == []
+    assert principal.claims["email"] == "a@b.c"  # other claims stay (policies do not read them)
+    context = principal_context("example.org", "user", principal.claims, IDP, ip="", route="/admin")
+    assert context["token"][claim] == []
+
+
+def test_mapped_authority_claims_count_only_as_mapped(
+    idp_home: Path, rsa_key: rsa.RSAPrivateKey, database: Database
+) -> None:
+    claim_map = {
+        "roles": {"claim": "groups", "values": {"idp-admins": "admin", "idp-ops": "admin"}},
+        "models": {"values": {"gpt": "mock"}},
+    }
+    verifier = make_verifier(idp_settings(idp_home, claim_map=claim_map), database)
+    token = idp_token(
+        rsa_key,
+        groups=["idp-admins", "idp-ops", "admin", "IDP-ADMINS"],
+        roles=["admin"],  # the issuer's own `roles` are not read: roles come from `groups`
+        models=["gpt", "*"],
+        tools=["files/*"],
+    )
+    claims = verifier.verify(token).claims
+    assert claims["roles"] == ["admin"]
+    assert claims["models"] == ["mock"]
+    assert "groups" not in claims and "tools" not in claims
+    # A single string value is read as one value; nothing mapped means no claim at all.
+    assert verifier.verify(idp_token(rsa_key, sub="bob", groups="idp-ops")).claims["roles"] == ["admin"]
+    unmapped = verifier.verify(idp_token(rsa_key, sub="carol", groups=["admin"], roles=["admin"]))
+    assert "roles" not in unmapped.claims
+    weird = verifier.verify(idp_token(rsa_key, sub="dave", groups={"idp-admins": True}))
+    assert "roles" not in weird.claims
+
+
+def test_claim_map_is_validated(ztai_home: Path) -> None:
+    for claim_map in ({"admin": {"values": {}}}, {"roles": {"values": {"a": 1}, "other": 1}}):
+        with pytest.raises(ConfigError):
+            idp_settings(ztai_home, claim_map=claim_map)
+
+
+def test_ztai_never_mints_into_another_issuers_namespace(idp_home: Path) -> None:
+    settings = load_settings(
+        idp_home / "ztai.yaml",
+        identity={
+            "external_issuers": [
+                {"issuer": IDP, "audience": IDP_AUDIENCE, "jwks_file": IDP_JWKS},
+                {"issuer": "https://sso.test", "audience": "x", "jwks_file": IDP_JWKS, "name": "Corp"},
+            ],
+            "spiffe_bundles": [{"trust_domain": PROD, "bundle_file": "b.json"}],
+        },
+    )
+    refused = [
+        "spiffe://example.org/user/idp.example.com/alice",
+        "spiffe://example.org/user/idp.example.com/ext/mfrgg",
+        "spiffe://example.org/agent/idp.example.com/bot",  # any kind: the issuer's name is its namespace
+        "spiffe://example.org/user/idp.example.com",
+        "spiffe://example.org/user/IDP.example.com/alice",
+        "spiffe://example.org/user/corp/alice",
+        f"spiffe://{PROD}/service/api",  # a trusted SPIFFE trust domain's SPIRE vouches for it
+    ]
+    for subject in refused:
+        assert foreign_owner(settings, subject), subject
+        with pytest.raises(MalformedRequest) as caught:
+            refuse_foreign_subject(settings, subject)
+        assert caught.value.code == "foreign_subject"
+        assert "does not issue tokens" in caught.value.message
+    allowed = [
+        "spiffe://example.org/user/alice",
+        "spiffe://example.org/user/idp.example.com.evil/alice",
+        "spiffe://example.org/user/alice/idp.example.com",
+        "spiffe://other.example.org/user/idp.example.com/alice",  # another tenant: no issuer there
+    ]
+    for subject in allowed:
+        assert foreign_owner(settings, subject) == "", subject
+        refuse_foreign_subject(settings, subject)
+    with pytest.raises(AuthenticationError):
+        refuse_foreign_subject(settings, "not-a-spiffe-id")
 
 
 def test_external_token_jti_is_kept(rsa_key: rsa.RSAPrivateKey, idp_verifier: TokenVerifier) -> None:
@@ -497,6 +582,19 @@ def test_jwt_svid_verifies(prod_key: ec.EllipticCurvePrivateKey, svid_verifier: 
     assert principal.expires_at == claims["exp"]
     assert len(principal.jti) == 40
     assert svid_verifier.verify(token) is principal
+
+
+def test_jwt_svid_authority_claims_count_only_mapped(
+    ztai_home: Path, prod_key: ec.EllipticCurvePrivateKey, database: Database
+) -> None:
+    write_bundle(ztai_home / "prod-bundle.json", ec_jwk(prod_key, "svid-1"))
+    bundle = {"trust_domain": PROD, "bundle_file": "prod-bundle.json"}
+    plain = make_verifier(spiffe_settings(ztai_home, bundle), database)
+    token = svid_token(prod_key, roles=["admin"], models=["*"], tools=["files/*"])
+    assert not {"roles", "models", "tools"} & set(plain.verify(token).claims)
+    mapped = {**bundle, "claim_map": {"roles": {"values": {"spire-admin": "admin"}}}}
+    verifier = make_verifier(spiffe_settings(ztai_home, mapped), database)
+    assert verifier.verify(svid_token(prod_key, roles=["spire-admin", "admin"])).claims["roles"] == ["admin"]
 
 
 def test_jwt_svid_keeps_its_iss_and_jti(

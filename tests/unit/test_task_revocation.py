@@ -14,14 +14,15 @@ from pathlib import Path
 
 import pytest
 import redis
+from sqlalchemy import select
 
 from tests.conftest import redis_url_or_skip
 from ztai.config import Settings
-from ztai.errors import AuthenticationError, MalformedRequest, StoreError
+from ztai.errors import AuthenticationError, MalformedRequest, NotFound, StoreError
 from ztai.identity import KeyStore, RevocationList, TokenVerifier, issue_token
 from ztai.identity.revocation import REVOCATION_CHANNEL, RevocationFeed, RevocationNotice
 from ztai.identity.task_tokens import act_claim
-from ztai.store import Database
+from ztai.store import Database, IssuedTaskRecord
 from ztai.store.shared import publish_once
 
 TENANT = "example.org"
@@ -130,6 +131,49 @@ def test_refresh_counts_tokens_and_tasks(database: Database) -> None:
     revocations.revoke(TENANT, "a" * 32, time.time() + 600)
     revocations.revoke_task(TENANT, ROOT, time.time() + 600)
     assert replica(database).refresh() == 2
+
+
+# Issued tasks: an admin revokes only a task ztai issued in their tenant --------------------------------------
+def test_an_issued_task_can_be_revoked_in_its_tenant(database: Database) -> None:
+    here = replica(database)
+    here.record_task(TENANT, ROOT, time.time() + 300)
+    here.record_task(TENANT, ROOT, time.time() + 300)  # idempotent
+    assert replica(database).task_issued(TENANT, ROOT)
+    notice = here.revoke_tenant_task(TENANT, ROOT, time.time() + 600, reason="compromised")
+    assert notice.id == ROOT and replica(database).is_task_revoked(TENANT, [ROOT])
+
+
+@pytest.mark.parametrize(
+    ("tenant", "task_id"),
+    [("other.org", ROOT), (TENANT, OTHER)],  # another tenant's task; a task ztai never issued
+)
+def test_revoking_a_task_not_issued_in_the_tenant_is_not_found(
+    database: Database, tenant: str, task_id: str
+) -> None:
+    here = replica(database)
+    here.record_task(TENANT, ROOT, time.time() + 300)
+    with pytest.raises(NotFound) as caught:
+        here.revoke_tenant_task(tenant, task_id, time.time() + 600)
+    assert caught.value.status == 404
+    # Nothing was recorded, here or anywhere.
+    assert not here.is_task_revoked(tenant, [task_id])
+    assert replica(database).refresh() == 0
+
+
+def test_expired_tasks_are_no_longer_revocable_and_are_pruned(database: Database) -> None:
+    here = replica(database)
+    here.record_task(TENANT, ROOT, time.time() - 400)  # past its expiry and the grace
+    assert not here.task_issued(TENANT, ROOT)
+    with pytest.raises(NotFound):
+        here.revoke_tenant_task(TENANT, ROOT, time.time() + 600)
+    here.record_task(TENANT, CHILD, time.time() + 300)  # each record prunes what has expired
+    with database.sessions() as session:
+        assert session.scalars(select(IssuedTaskRecord.task_id)).all() == [CHILD]
+
+
+def test_malformed_task_ids_are_refused_before_the_store(database: Database) -> None:
+    with pytest.raises(MalformedRequest):
+        replica(database).revoke_tenant_task(TENANT, "tsk_' OR 1=1 --", time.time() + 600)
 
 
 # Notices --------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from ztai.audit import AuditLog
 from ztai.cli.main import app as cli_app
 from ztai.cli.token_commands import policy_authorizer
 from ztai.config import Settings, load_settings
-from ztai.errors import AuthenticationError, MalformedRequest
+from ztai.errors import AuthenticationError, MalformedRequest, NotFound
 from ztai.identity import KeyStore, RevocationList, TokenVerifier, issue_token, parse_claims
 from ztai.identity.exchange import (
     ACCESS_TOKEN_TYPE,
@@ -402,6 +402,8 @@ def test_external_issuer_token_with_task_claims_is_not_a_task_token(ztai_home: P
     jwk = {**ECAlgorithm.to_jwk(key.public_key(), as_dict=True), "kid": "idp-1"}
     (ztai_home / "idp.json").write_text(json.dumps({"keys": [jwk]}))
     issuer = {"issuer": IDP, "audience": "ztai", "jwks_file": "idp.json", "algorithms": ["ES256"]}
+    # The issuer's tools count only because they are mapped (an unmapped `tools` claim is dropped).
+    issuer["claim_map"] = {"tools": {"values": {"files/*": "files/*"}}}
     world = world_with(ztai_home, identity={"external_issuers": [issuer]})
     now = int(time.time())
     smuggled = "tsk_" + "e" * 32
@@ -424,7 +426,9 @@ def test_external_issuer_token_with_task_claims_is_not_a_task_token(ztai_home: P
     assert task.actors == (PLANNER,)  # the smuggled act chain is not carried
     decision = world.decisions()[-1]
     assert decision["effect"] == "allow"
-    # Revoking the smuggled id touches nothing: it was never a task of ours.
+    # Revoking the smuggled id touches nothing: it was never a task of ours (an admin gets 404).
+    with pytest.raises(NotFound):
+        world.revocations.revoke_tenant_task("example.org", smuggled, time.time() + 3600)
     world.revocations.revoke_task("example.org", smuggled, time.time() + 3600)
     world.verifier.verify(issued.token.token)
     # Nor may an external token carrying task claims act for anyone.
@@ -543,3 +547,10 @@ def test_cli_exchange_and_task_revoke(world: World, ztai_home: Path) -> None:
     assert caught.value.code == "token_revoked"
     malformed = runner.invoke(cli_app, ["task", "revoke", "not-a-task", "--config", config])
     assert malformed.exit_code != 0
+    # A task the exchange did not issue in the tenant: refused, nothing revoked.
+    for extra in ([], ["--tenant", "other.example"]):
+        unknown = "tsk_" + "9" * 32 if not extra else task.task_id
+        missing = runner.invoke(cli_app, ["task", "revoke", unknown, *extra, "--config", config])
+        assert missing.exit_code == 2 and "no task" in missing.output, missing.output
+        world.revocations.refresh()
+        assert not world.revocations.is_task_revoked(extra[-1] if extra else "example.org", [unknown])

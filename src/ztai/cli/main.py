@@ -73,6 +73,8 @@ identity:
   #   - issuer: https://login.example.org   # subjects become spiffe://<td>/user/login.example.org/<sub>
   #     audience: ztai
   #     jwks_url: https://login.example.org/.well-known/jwks.json
+  #     claim_map:         # its roles/models/tools/groups/scopes count only as mapped; the rest is dropped
+  #       roles: {{claim: groups, values: {{idp-admins: admin}}}}
   # spiffe_bundles:        # accept JWT-SVIDs of a SPIFFE trust domain
   #   - trust_domain: prod.example.org
   #     bundle_file: bundle.jwks

@@ -68,7 +68,7 @@ def revoke_and_record(settings: Settings, tenant: str | None, kind: str, ident: 
     try:
         revocations = RevocationList(database, publish=publisher.callback)
         if kind == "task":
-            revocations.revoke_task(owner, ident, expires, reason)
+            revocations.revoke_tenant_task(owner, ident, expires, reason)  # a task issued in `owner` only
         else:
             revocations.revoke(owner, ident, expires, reason)
         event = identity_event(

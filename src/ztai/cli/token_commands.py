@@ -27,6 +27,7 @@ from ztai.identity.exchange import (
     TokenExchange,
     Verdict,
 )
+from ztai.identity.external import refuse_foreign_subject
 from ztai.policy import PolicyEngine, model_entities, principal_context, principal_request
 
 app = typer.Typer(help="Issue and revoke tokens.", no_args_is_help=True)
@@ -52,6 +53,7 @@ def _issue(config: Path, subject: str, ttl: int | None, claims: list[str]) -> st
     settings = settings_for(config)
     database, keys, audit_log = open_audit_log(settings)
     try:
+        refuse_foreign_subject(settings, subject)
         extra_claims = parse_claims(claims)
         issued = issue_token(
             keys,
@@ -168,6 +170,7 @@ def _exchange(config: Path, fields: dict[str, str]) -> str:
         request = ExchangeRequest.from_fields(fields, max_token_bytes=settings.identity.max_token_bytes)
         parties = tokens.parties(request)
         issued = tokens.exchange(request, parties, policy_authorizer(settings, audit_log))
+        revocations.record_task(issued.token.tenant, issued.task.task_id, issued.token.expires_at)
         details = {**issued.audit_details(), "by": "cli"}
         audit_log.append(
             [

@@ -73,6 +73,9 @@ async def _exchange(runtime: Runtime, request: Request) -> Response:
     finally:
         if recording is not None:
             await recording  # the decision is durable before any answer, allow or deny
+    await asyncio.to_thread(
+        runtime.revocations.record_task, issued.token.tenant, issued.task.task_id, issued.token.expires_at
+    )
     details = {**issued.audit_details(), "by": "exchange", "route": call.route}
     await runtime.audit.record(
         identity_event(

@@ -3,6 +3,8 @@
 Revoking a task refuses every token of that task and of its sub-tasks (their `task_chain` holds it) on
 every replica: durable in the store, applied here at once, published over Redis when configured, and
 found by every replica's poll otherwise. Needs Cedar `admin` on `AdminApi::"tasks"` (see admin.cedar).
+Only a task ztai issued in the admin's tenant can be revoked (the exchange records each one): any other
+id is 404, so another tenant's tasks can neither be touched nor found out about.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ async def revoke_task(request: Request) -> Response:
     identity = runtime.settings.identity
     # Every token of the task expires within the longest lifetime ztai issues: remember it that long.
     expires_at = time.time() + identity.max_ttl_seconds + identity.leeway_seconds
-    await asyncio.to_thread(runtime.revocations.revoke_task, tenant, task_id, expires_at, reason)
+    # A task ztai did not issue in the caller's tenant (another tenant's, or none) is 404, nothing recorded.
+    await asyncio.to_thread(runtime.revocations.revoke_tenant_task, tenant, task_id, expires_at, reason)
     await runtime.audit.record(
         identity_event(
             "task.revoked",

@@ -19,8 +19,9 @@ from typing import Any
 import jwt
 from spiffe import JwtBundle, JwtSvid, TrustDomain
 
-from ztai.config import ExternalIssuerSettings, SpiffeBundleSettings
-from ztai.errors import AuthenticationError, ConfigError
+from ztai.config import AUTHORITY_CLAIMS, ClaimMap, ExternalIssuerSettings, Settings, SpiffeBundleSettings
+from ztai.errors import AuthenticationError, ConfigError, MalformedRequest
+from ztai.identity.spiffe_ids import parse_spiffe_id
 
 _MIN_UNKNOWN_KID_REFETCH_SECONDS = 10.0
 _MAX_JWKS_BYTES = 512 * 1024
@@ -90,6 +91,19 @@ class JwksCache:
         return document
 
 
+def map_authority(claims: dict[str, Any], claim_map: ClaimMap) -> dict[str, Any]:
+    """Another issuer's `claims` with its authority claims (roles, models, tools, groups, scopes) replaced
+    by what `claim_map` makes of them: only mapped values count, anything else it says is dropped."""
+    mapped = {name: value for name, value in claims.items() if name not in AUTHORITY_CLAIMS}
+    for name, mapping in claim_map.items():
+        source = claims.get(mapping.claim or name)
+        given = [source] if isinstance(source, str) else source if isinstance(source, list) else []
+        values = {mapping.values[v] for v in given if isinstance(v, str) and v in mapping.values}
+        if values:
+            mapped[name] = sorted(values)
+    return mapped
+
+
 class ExternalIssuer:
     """Verifies tokens of one OIDC issuer and maps their subject to a ztai principal."""
 
@@ -112,7 +126,7 @@ class ExternalIssuer:
             leeway=self._leeway,
             options={"require": ["exp", "iat", "sub", "iss", "aud"]},
         )
-        return claims
+        return map_authority(claims, self.settings.claim_map)
 
     def subject_path(self, claims: dict[str, Any]) -> str:
         """`<kind>/<issuer name>/<sub>` for the SPIFFE ID of this issuer's subject.
@@ -129,6 +143,32 @@ class ExternalIssuer:
             return f"{prefix}/{subject}"
         encoded = base64.b32encode(subject.encode()).decode().rstrip("=").lower()
         return f"{prefix}/ext/{encoded}"
+
+
+def foreign_owner(settings: Settings, subject: str) -> str:
+    """Who other than ztai vouches for `subject` ("" for no one): an external issuer, whose principals
+    are spiffe://<trust domain>/<kind>/<issuer name>/..., or a SPIFFE trust domain whose bundle is trusted.
+    Names are compared without case, so a look-alike of another issuer's namespace is refused too."""
+    workload = parse_spiffe_id(subject)
+    if workload.trust_domain in {bundle.trust_domain for bundle in settings.identity.spiffe_bundles}:
+        return f"SPIFFE trust domain {workload.trust_domain}"
+    if workload.trust_domain != settings.trust_domain:
+        return ""
+    first = workload.name.split("/", 1)[0].lower()
+    for issuer in settings.identity.external_issuers:
+        if issuer.name.lower() == first:
+            return f"external issuer {issuer.name} ({issuer.issuer})"
+    return ""
+
+
+def refuse_foreign_subject(settings: Settings, subject: str) -> None:
+    """Raise MalformedRequest when ztai would mint a token for a subject that another issuer vouches for."""
+    owner = foreign_owner(settings, subject)
+    if owner:
+        raise MalformedRequest(
+            f"{subject} is in the namespace of {owner}: ztai does not issue tokens for it",
+            code="foreign_subject",
+        )
 
 
 class SpiffeTrust:
@@ -151,4 +191,4 @@ class SpiffeTrust:
         claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
         claims["exp"] = svid.expiry
         claims.setdefault("iss", f"spiffe://{self.settings.trust_domain}")
-        return claims
+        return map_authority(claims, self.settings.claim_map)

@@ -22,14 +22,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import orjson
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 
-from ztai.errors import MalformedRequest, StoreError
+from ztai.errors import MalformedRequest, NotFound, StoreError
 from ztai.identity.task_tokens import TASK_ID
-from ztai.store import Database, RevokedTask, RevokedToken, aware
+from ztai.store import Database, IssuedTaskRecord, RevokedTask, RevokedToken, aware
 from ztai.store.shared import PubSubChannel
 
 REVOCATION_CHANNEL = "ztai:revocations"  # the Redis pub/sub channel of revocation notices
@@ -37,6 +37,7 @@ _JTI = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _MAX_TENANT = 255
 _MAX_NOTICE_LIFETIME = 86_400.0  # a notice cannot make the list remember anything for longer than a day
 _OVERLAP = timedelta(seconds=30)
+_TASK_RECORD_GRACE = 300.0  # an issued task stays revocable this long past its expiry (verification leeway)
 
 NoticeKind = Literal["token", "task"]
 
@@ -117,12 +118,56 @@ class RevocationList:
         return self._announce(RevocationNotice(tenant, "token", jti, expires_at))
 
     def revoke_task(self, tenant: str, task_id: str, expires_at: float, reason: str = "") -> RevocationNotice:
-        """Revoke a task and, through their task chains, all its sub-tasks (durable, idempotent)."""
+        """Revoke a task and, through their task chains, all its sub-tasks (durable, idempotent). Records
+        any id: admin paths use `revoke_tenant_task`, which first checks ztai issued it in the tenant."""
         if not TASK_ID.match(task_id):
             raise MalformedRequest("a task id looks like tsk_<hex>")
         self._insert(RevokedTask, {"tenant": tenant, "task_id": task_id}, expires_at, reason)
         self._revoked_tasks[(tenant, task_id)] = expires_at
         return self._announce(RevocationNotice(tenant, "task", task_id, expires_at))
+
+    def revoke_tenant_task(
+        self, tenant: str, task_id: str, expires_at: float, reason: str = ""
+    ) -> RevocationNotice:
+        """`revoke_task` for an admin of `tenant`: NotFound unless ztai issued `task_id` in `tenant` and
+        its tokens may still be live (another tenant's task reads as absent, and nothing is recorded)."""
+        if not TASK_ID.match(task_id):
+            raise MalformedRequest("a task id looks like tsk_<hex>")
+        if not self.task_issued(tenant, task_id):
+            raise NotFound(f"no task {task_id} in tenant {tenant}")
+        return self.revoke_task(tenant, task_id, expires_at, reason)
+
+    # Issued tasks -------------------------------------------------------------------------------------
+    def record_task(self, tenant: str, task_id: str, expires_at: float) -> None:
+        """Remember that ztai issued `task_id` in `tenant` (at exchange, before its token is handed out),
+        until its token expires; records past that are pruned here."""
+        now = datetime.now(UTC)
+        values = {
+            "tenant": tenant,
+            "task_id": task_id,
+            "created_at": now,
+            "expires_at": datetime.fromtimestamp(expires_at + _TASK_RECORD_GRACE, UTC),
+        }
+        insert = pg_insert if self._database.is_postgres else sqlite_insert
+        try:
+            with self._database.transaction() as session:
+                session.execute(insert(IssuedTaskRecord).values(**values).on_conflict_do_nothing())
+                session.execute(delete(IssuedTaskRecord).where(IssuedTaskRecord.expires_at < now))
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot record the task: {type(exc).__name__}") from exc
+
+    def task_issued(self, tenant: str, task_id: str) -> bool:
+        """Whether ztai issued `task_id` in `tenant` and its tokens may still be live."""
+        query = select(IssuedTaskRecord.task_id).where(
+            IssuedTaskRecord.tenant == tenant,
+            IssuedTaskRecord.task_id == task_id,
+            IssuedTaskRecord.expires_at >= datetime.now(UTC),
+        )
+        try:
+            with self._database.sessions() as session:
+                return session.execute(query).first() is not None
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot read the tasks: {type(exc).__name__}") from exc
 
     def _insert(
         self, table: type[RevokedToken | RevokedTask], key: dict[str, str], expires: float, reason: str

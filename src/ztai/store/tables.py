@@ -68,6 +68,18 @@ class RevokedTask(Base):
     __table_args__ = (Index("ix_revoked_tasks_revoked_at", "revoked_at"),)
 
 
+class IssuedTaskRecord(Base):
+    """An agent task ztai issued (at token exchange): what an admin may revoke in its tenant. Kept until
+    its token has expired (a sub-task never outlives its parent), then pruned."""
+
+    __tablename__ = "tasks"
+
+    tenant: Mapped[str] = mapped_column(String(255), primary_key=True)
+    task_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
 class Approval(Base):
     """A tool call held for a human decision (`require_approval`). The arguments are kept only as a
     keyed hash (to match the retried call) and a redacted preview."""
