@@ -108,11 +108,13 @@ async def big_head(port: int, megabytes: int) -> tuple[str, int]:
     except OSError:
         pass
     try:
-        answer = await asyncio.wait_for(reader.read(200), 10)
-    except (OSError, TimeoutError):
-        answer = b""  # a reset (the server closed with our bytes unread) can discard its answer
+        answer = (await asyncio.wait_for(reader.read(200), 10)).split(b"\r\n")[0].decode()
+    except TimeoutError:
+        answer = "no answer within 10 s, still open"
+    except OSError:
+        answer = "reset"  # the server closed with our bytes unread: the reset can discard its 431
     writer.close()
-    return (answer.split(b"\r\n")[0].decode() or "reset, answer lost"), sent
+    return answer or "closed", sent
 
 
 async def slowloris(port: int, drip: float, observe: float) -> float:
