@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -189,3 +190,20 @@ def test_blank_lines_between_requests_do_not_keep_a_connection_open(bounded: Gat
         elapsed = time.monotonic() - started
     assert answer.startswith(b"HTTP/1.1 200")
     assert elapsed < TIMEOUT + 2
+
+
+def test_every_worker_gets_the_limits(tmp_path: Path) -> None:
+    env = {"ZTAI_SERVER__HEADER_TIMEOUT_SECONDS": "1", "ZTAI_SERVER__MAX_HEADER_BYTES": "2048"}
+    gateway = start_gateway(tmp_path, extra_env=env, serve_args=("--workers", "2"))
+    try:
+        for _ in range(4):  # connections spread over both workers
+            with connect(gateway) as sock:
+                started = time.monotonic()
+                send(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                answer = read_until_closed(sock)
+                assert status_of(answer) == 408 and time.monotonic() - started < 2.5
+            with connect(gateway) as sock:
+                send(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 3000 + b"\r\n\r\n")
+                assert status_of(read_until_closed(sock)) == 431
+    finally:
+        gateway.close()
