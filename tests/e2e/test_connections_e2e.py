@@ -18,6 +18,10 @@ pytestmark = pytest.mark.e2e
 TIMEOUT = 2.0  # header and body timeout of this test's server
 MAX_HEADER_BYTES = 8192
 MAX_HEADERS = 20
+# Timing slack for a loaded CI machine; without the limits these connections stay open past SOCKET_TIMEOUT.
+SLACK = 4.0
+SOCKET_TIMEOUT = 15.0
+FAST = 1.5  # a normal request meanwhile (milliseconds when idle; bench/hostile_clients.py measures it)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +39,7 @@ def bounded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
 
 def connect(gateway: Gateway) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=SOCKET_TIMEOUT)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
@@ -72,7 +76,7 @@ def assert_fast_healthz(gateway: Gateway) -> None:
     started = time.monotonic()
     response = httpx.get(f"{gateway.root_url}/healthz", timeout=5)
     assert response.status_code == 200
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < FAST
 
 
 def test_an_oversized_header_is_431_and_closed(bounded: Gateway) -> None:
@@ -125,7 +129,7 @@ def test_slowloris_connections_are_closed_after_the_header_timeout(bounded: Gate
     finally:
         for sock in socks:
             sock.close()
-    assert TIMEOUT - 0.5 < elapsed < TIMEOUT + 2
+    assert TIMEOUT - 0.5 < elapsed < TIMEOUT + SLACK
     assert {status_of(answer) for answer in answers} == {408}
 
 
@@ -133,11 +137,11 @@ def test_a_dripping_head_is_closed_after_the_header_timeout(bounded: Gateway) ->
     with connect(bounded) as sock:
         started = time.monotonic()
         send(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-        while send(sock, b"X-A: b\r\n") and time.monotonic() - started < 10:
+        while send(sock, b"X-A: b\r\n") and time.monotonic() - started < SOCKET_TIMEOUT:
             time.sleep(0.3)  # a header field every 0.3 s never finishes the head
         answer = read_until_closed(sock)
         elapsed = time.monotonic() - started
-    assert elapsed < TIMEOUT + 2
+    assert elapsed < TIMEOUT + SLACK
     assert status_of(answer) == 408
 
 
@@ -150,11 +154,11 @@ def test_a_slow_body_is_408_and_closed(bounded: Gateway) -> None:
         )
         started = time.monotonic()
         send(sock, head + b'{"model": "mock", ')
-        while send(sock, b" ") and time.monotonic() - started < 10:
+        while send(sock, b" ") and time.monotonic() - started < SOCKET_TIMEOUT:
             time.sleep(0.3)  # a byte every 0.3 s: the body keeps coming, too slowly
         answer = read_until_closed(sock)
         elapsed = time.monotonic() - started
-    assert elapsed < TIMEOUT + 2
+    assert elapsed < TIMEOUT + SLACK
     assert status_of(answer) == 408
     assert_fast_healthz(bounded)
 
@@ -177,19 +181,19 @@ def test_an_idle_keep_alive_connection_is_closed(bounded: Gateway) -> None:
         answer = read_until_closed(sock)
         elapsed = time.monotonic() - started
     assert answer.startswith(b"HTTP/1.1 200")
-    assert 0.5 < elapsed < 3  # keep-alive timeout 1 s
+    assert 0.5 < elapsed < 1 + SLACK  # keep-alive timeout 1 s
 
 
 def test_blank_lines_between_requests_do_not_keep_a_connection_open(bounded: Gateway) -> None:
     with connect(bounded) as sock:
         send(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         started = time.monotonic()
-        while send(sock, b"\r\n") and time.monotonic() - started < 10:
+        while send(sock, b"\r\n") and time.monotonic() - started < SOCKET_TIMEOUT:
             time.sleep(0.3)  # blank lines before a next request that never comes
         answer = read_until_closed(sock)
         elapsed = time.monotonic() - started
     assert answer.startswith(b"HTTP/1.1 200")
-    assert elapsed < TIMEOUT + 2
+    assert elapsed < TIMEOUT + SLACK
 
 
 def test_every_worker_gets_the_limits(tmp_path: Path) -> None:
@@ -201,7 +205,7 @@ def test_every_worker_gets_the_limits(tmp_path: Path) -> None:
                 started = time.monotonic()
                 send(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
                 answer = read_until_closed(sock)
-                assert status_of(answer) == 408 and time.monotonic() - started < 2.5
+                assert status_of(answer) == 408 and time.monotonic() - started < 1 + SLACK
             with connect(gateway) as sock:
                 send(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 3000 + b"\r\n\r\n")
                 assert status_of(read_until_closed(sock)) == 431
