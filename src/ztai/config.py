@@ -38,6 +38,13 @@ class ServerSettings(_Section):
     workers: int = Field(1, ge=1, le=64)
     max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
     max_json_depth: int = Field(32, ge=2, le=256)
+    # Connections (ztai.gateway.connection): what one client may hold open, and for how long.
+    max_header_bytes: int = Field(65_536, ge=1024, le=1_048_576)  # request line + headers; more: 431
+    max_headers: int = Field(100, ge=8, le=1000)  # header fields; more: 400
+    header_timeout_seconds: float = Field(10.0, ge=0.1, le=300)  # the head must arrive within this: 408
+    body_timeout_seconds: float = Field(60.0, ge=0.1, le=3600)  # the whole body, after the head: 408
+    keep_alive_timeout_seconds: int = Field(5, ge=1, le=300)  # an idle keep-alive connection is closed
+    max_connections: int = Field(4096, ge=1, le=1_000_000)  # per worker (and the open-file limit); more: 503
 
 
 class StoreSettings(_Section):

@@ -57,6 +57,14 @@ server:
   host: 127.0.0.1
   port: 8787
   max_body_bytes: 1048576
+  # Connections: the head (request line + headers) at most max_header_bytes (else 431) and max_headers
+  # fields (else 400); head and body within their timeouts (else 408); at most max_connections per worker
+  # max_header_bytes: 65536
+  # max_headers: 100
+  # header_timeout_seconds: 10
+  # body_timeout_seconds: 60
+  # keep_alive_timeout_seconds: 5
+  # max_connections: 4096
 
 store:
   url: ""                  # empty: SQLite in data_dir; or postgresql+psycopg://user@host/db
@@ -160,6 +168,7 @@ def serve(
     """
     import uvicorn
 
+    from ztai.gateway import connection
     from ztai.gateway.app import CONFIG_ENV, UPSTREAMS_ENV, create_app
 
     extra = _parse_upstreams(upstream or [])
@@ -177,7 +186,7 @@ def serve(
         "host": bind_host,
         "port": bind_port,
         "loop": "uvloop",
-        "http": "httptools",
+        **connection.uvicorn_options(settings.server),
         "access_log": False,
         "log_level": "warning",
         "timeout_graceful_shutdown": 10,
@@ -188,7 +197,7 @@ def serve(
     )
     try:
         if worker_count == 1:
-            uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
+            uvicorn.run(create_app(settings), **common)
         else:
             os.environ[CONFIG_ENV] = str(config.resolve())
             os.environ[UPSTREAMS_ENV] = orjson.dumps(extra).decode()
@@ -197,7 +206,7 @@ def serve(
             shutil.rmtree(metrics_dir, ignore_errors=True)
             metrics_dir.mkdir(parents=True)
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-            uvicorn.run("ztai.gateway.app:app_from_environment", factory=True, workers=worker_count, **common)  # type: ignore[arg-type]
+            uvicorn.run("ztai.gateway.app:app_from_environment", factory=True, workers=worker_count, **common)
     finally:
         pid_file.unlink(missing_ok=True)
 

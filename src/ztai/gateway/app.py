@@ -20,6 +20,7 @@ from ztai.errors import StoreError, ZtaiError
 from ztai.gateway import (
     agent_routes,
     approval_routes,
+    connection,
     mcp_routes,
     metrics,
     oauth_routes,
@@ -157,6 +158,7 @@ def create_app(settings: Settings) -> Starlette:
 def app_from_environment() -> Starlette:
     """Factory for `uvicorn --factory` and multi-worker serving: reads the config named by $ZTAI_CONFIG."""
     settings = load_settings(os.environ.get(CONFIG_ENV) or None)
+    connection.use_limits(settings.server)  # this worker's connections
     extra = orjson.loads(os.environ.get(UPSTREAMS_ENV) or "{}")
     return create_app(with_upstreams(settings, extra))
 
