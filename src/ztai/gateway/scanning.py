@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import TypeVar
@@ -35,6 +36,7 @@ from ztai.detect.inspector import DETECTORS, Inspector, detector_options, load_d
 OFF_LOOP_CHARS = 1024
 PROCESS_WORKERS = 1
 WORKER_NICENESS = 10
+PARENT_CHECK_SECONDS = 1.0  # how soon an orphaned worker notices that its server is gone
 # How long a thread (redacting a large text, the audit writer) may hold the interpreter lock while the
 # event loop waits for it: Python's default 5 ms, several times per request, is what the tail latency of
 # short requests was made of under a large one (bench/inspection_load.py: p99 207 -> 68 ms at 1 MB).
@@ -112,11 +114,20 @@ def _spec(detector: Detector) -> DetectorSpec:
     return detector.name, orjson.dumps(detector_options(detector), option=orjson.OPT_SORT_KEYS).decode()
 
 
-def _lower_priority() -> None:
+def _start_worker() -> None:
     """In the worker: bulk scanning yields the CPU to the event loop's short requests when cores are
-    busy (a large request takes longer, the others keep their latency)."""
+    busy (a large request takes longer, the others keep their latency), and the worker ends with its
+    server, however the server ended (a server killed by SIGTERM never shuts its pool down)."""
     with contextlib.suppress(OSError):
         os.nice(WORKER_NICENESS)
+    parent = os.getppid()
+
+    def exit_with_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(0)
+
+    threading.Thread(target=exit_with_parent, name="ztai-exit-with-parent", daemon=True).start()
 
 
 def _scan_in_worker(specs: tuple[DetectorSpec, ...], tasks: list[ScanTask]) -> list[list[Finding]]:
@@ -135,7 +146,7 @@ def _process_pool() -> ProcessPoolExecutor:
             # spawn: a fork of a process with running threads (the audit writer, the loop) is unsafe.
             context = multiprocessing.get_context("spawn")
             _processes = ProcessPoolExecutor(
-                max_workers=PROCESS_WORKERS, mp_context=context, initializer=_lower_priority
+                max_workers=PROCESS_WORKERS, mp_context=context, initializer=_start_worker
             )
         return _processes
 
