@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 SCRIPT = """
 import asyncio, sys
@@ -32,7 +33,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_the_worker_exits_when_its_server_is_killed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_the_worker_exits_when_its_server_is_killed(tmp_path: Path) -> None:
     script = tmp_path / "server.py"
     script.write_text(SCRIPT)
     server = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
