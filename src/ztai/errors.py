@@ -1,10 +1,39 @@
-"""Typed errors. Each carries the HTTP status, the OpenAI-style error type and a stable code.
+"""The one tree of typed errors. Each carries the HTTP status, the OpenAI-style error type and a stable code.
 
-The gateway maps them to responses in one place (`ztai.gateway.responses`); libraries raise them
-without knowing about HTTP.
+Libraries raise them without knowing about HTTP; the gateway maps them to responses once per protocol
+(`ztai.gateway.responses`: OpenAI JSON on `/v1` and the admin routes, RFC 6749 on `/oauth`, JSON-RPC on
+`/mcp`), each mounted part of the app with its own exception handler.
+
+    ZtaiError                        500 server_error      internal_error
+    ├── ConfigError                  500                   invalid_config
+    ├── PolicyError                  500                   invalid_policy (policies or schema do not load)
+    ├── ClientDisconnected           499                   client_closed (not a failure: nothing is logged)
+    ├── AuthenticationError          401 authentication_error  invalid_token, missing_token, ...
+    ├── PermissionDenied             403 permission_error  denied (carries the decision id)
+    │   ├── StepUpRequired                                 step_up_required
+    │   └── ApprovalRequired                               approval_required (carries the approval id)
+    ├── SelfApproval                 403 permission_error  self_approval
+    ├── NotFound                     404 invalid_request_error  not_found
+    ├── Conflict                     409 invalid_request_error  conflict
+    ├── PayloadTooLarge              413 invalid_request_error  request_too_large
+    ├── MalformedRequest             422 invalid_request_error  invalid_request
+    ├── GrantError                   400 invalid_request_error  invalid_scope
+    ├── ExchangeError                400 invalid_request_error  the RFC 6749 / 8693 / 9396 error code
+    ├── RpcProblem                   its own status        jsonrpc (carries the JSON-RPC error code)
+    ├── UpstreamError                502 upstream_error    upstream_failed
+    │   ├── UpstreamTimeout          504                   upstream_timeout
+    │   ├── UpstreamResponseTooLarge 502                   upstream_response_too_large
+    │   └── UpstreamResponseInvalid  502                   upstream_response_invalid
+    └── Unavailable                  503 server_error      (a dependency is down: fail closed, say so)
+        ├── AuditUnavailable                               audit_unavailable
+        ├── PolicyEvaluationError                          policy_unavailable
+        └── StoreError                                     store_unavailable
+            └── SharedStateUnavailable                     shared_state_unavailable
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class ZtaiError(Exception):
@@ -23,6 +52,15 @@ class ZtaiError(Exception):
 
 class ConfigError(ZtaiError):
     code = "invalid_config"
+
+
+class ClientDisconnected(ZtaiError):
+    """The client went away before its request was read: not a failure of anyone's, logged at debug
+    level and counted as 499 (nginx's "client closed request")."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed"
 
 
 class AuthenticationError(ZtaiError):
@@ -77,6 +115,56 @@ class MalformedRequest(ZtaiError):
     code = "invalid_request"
 
 
+class Conflict(ZtaiError):
+    """The approval cannot be decided: it was decided already or has expired."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class SelfApproval(ZtaiError):
+    """The principal whose call is held cannot decide its own approval (separation of duties)."""
+
+    status = 403
+    type = "permission_error"
+    code = "self_approval"
+
+
+class GrantError(ZtaiError):
+    """A grant request that is malformed or asks for more than the parent grant allows."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_scope"
+
+
+class ExchangeError(ZtaiError):
+    """A refused token exchange: `code` is the RFC 6749 / 8693 / 9396 error, the message its description."""
+
+    status = 400
+    type = "invalid_request_error"
+
+    def __init__(self, error: str, description: str, *, decision_id: str = "") -> None:
+        super().__init__(description, code=error)
+        self.decision_id = decision_id
+
+
+class RpcProblem(ZtaiError):
+    """A JSON-RPC error to answer an MCP message with (before or instead of forwarding it)."""
+
+    type = "invalid_request_error"
+    code = "jsonrpc"
+
+    def __init__(
+        self, rpc_code: int, message: str, *, status: int = 200, data: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.rpc_code = rpc_code
+        self.status = status
+        self.data = data
+
+
 class UpstreamError(ZtaiError):
     status = 502
     type = "upstream_error"
@@ -101,11 +189,16 @@ class UpstreamResponseInvalid(UpstreamError):
     code = "upstream_response_invalid"
 
 
-class AuditUnavailable(ZtaiError):
-    """The audit record could not be made durable: fail closed."""
+class Unavailable(ZtaiError):
+    """A dependency ztai needs to decide or record is down: refuse with 503, never allow."""
 
     status = 503
-    type = "server_error"
+    code = "unavailable"
+
+
+class AuditUnavailable(Unavailable):
+    """The audit record could not be made durable: fail closed."""
+
     code = "audit_unavailable"
 
 
@@ -115,13 +208,11 @@ class PolicyError(ZtaiError):
     code = "invalid_policy"
 
 
-class PolicyEvaluationError(ZtaiError):
-    status = 503
+class PolicyEvaluationError(Unavailable):
     code = "policy_unavailable"
 
 
-class StoreError(ZtaiError):
-    status = 503
+class StoreError(Unavailable):
     code = "store_unavailable"
 
 

@@ -14,14 +14,12 @@ from ztai.agents.approvals import (
     APPROVAL_ID,
     PREVIEW_CHARS,
     ApprovalStore,
-    Conflict,
-    SelfApproval,
     approval_event,
     approval_json,
     call_hash,
     preview,
 )
-from ztai.errors import MalformedRequest, NotFound
+from ztai.errors import Conflict, MalformedRequest, NotFound, SelfApproval
 from ztai.store import Approval, Database
 
 KEY = b"k" * 32

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from ztai.errors import GrantError
 from ztai.identity.egress import (
     MAX_HOSTPORT,
     MAX_TARGETS,
@@ -21,7 +22,7 @@ from ztai.identity.egress import (
     parse_entry,
     target_allowed,
 )
-from ztai.identity.grants import GrantError, GrantRequest, TaskGrant, attenuate, check_arguments
+from ztai.identity.grants import GrantRequest, TaskGrant, attenuate, check_arguments
 
 GRANT = TaskGrant(tools=("web/*",), egress=("example.org",))
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
+from ztai.errors import GrantError
 from ztai.identity.grants import (
     MAX_PATTERN_INPUT,
-    GrantError,
     GrantRequest,
     TaskGrant,
     check_arguments,

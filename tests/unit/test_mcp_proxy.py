@@ -18,9 +18,9 @@ from aiohttp import web
 from tests.loopback import serving
 from ztai.agents.guard import Observation, ToolDecision
 from ztai.config import load_settings
-from ztai.errors import AuditUnavailable, ConfigError
+from ztai.errors import AuditUnavailable, ConfigError, RpcProblem
 from ztai.gateway.app import create_app
-from ztai.gateway.mcp_messages import RpcProblem, decode_header_value, parse_message, result_text
+from ztai.gateway.mcp_messages import decode_header_value, parse_message, result_text
 from ztai.gateway.mcp_upstream import McpUpstreams
 from ztai.gateway.sse import SseDecoder
 from ztai.identity import KeyStore, Principal, issue_token
@@ -252,7 +252,9 @@ def test_messages_are_single_bounded_json_rpc_objects() -> None:
     for body, (code, words) in cases.items():
         with pytest.raises(RpcProblem) as problem:
             parse_message(body, 32)
-        assert problem.value.code == code and words in problem.value.message and problem.value.status == 400
+        assert (
+            problem.value.rpc_code == code and words in problem.value.message and problem.value.status == 400
+        )
 
 
 def test_header_values_and_result_text() -> None:

@@ -35,7 +35,7 @@ def test_the_error_is_a_store_error_answered_503() -> None:
     assert isinstance(error, StoreError) and error.status == 503
     assert error.code == "shared_state_unavailable" and error.type == "server_error"
     problem = problem_of(error)
-    assert problem.code == INTERNAL_ERROR and problem.status == 503 and "Redis" in problem.message
+    assert problem.rpc_code == INTERNAL_ERROR and problem.status == 503 and "Redis" in problem.message
 
 
 async def test_every_redis_session_store_call_fails_closed_and_fast() -> None:

@@ -24,13 +24,13 @@ from ztai.audit import AuditLog
 from ztai.cli.main import app as cli_app
 from ztai.cli.token_commands import policy_authorizer
 from ztai.config import Settings, load_settings
-from ztai.errors import AuthenticationError, MalformedRequest, NotFound
+from ztai.errors import AuthenticationError, ExchangeError, MalformedRequest, NotFound
+from ztai.gateway.responses import oauth_error_body
 from ztai.identity import KeyStore, RevocationList, TokenVerifier, issue_token, parse_claims
 from ztai.identity.exchange import (
     ACCESS_TOKEN_TYPE,
     GRANT_TYPE,
     JWT_TOKEN_TYPE,
-    ExchangeError,
     ExchangeRequest,
     IssuedTask,
     TokenExchange,
@@ -206,7 +206,7 @@ def test_policy_refuses_tools_the_subject_token_does_not_list(world: World) -> N
         alice(world, tools=["files/read_file"]), world.token(PLANNER), {"tools": ["mail/send"]}
     )
     assert refusal.code == "invalid_target" and refusal.decision_id.startswith("dec_")
-    body = refusal.body()
+    body = oauth_error_body(refusal)
     assert body["error"] == "invalid_target" and body["decision_id"] == refusal.decision_id
     (decision,) = world.decisions()
     assert decision["id"] == refusal.decision_id and decision["effect"] == "deny"

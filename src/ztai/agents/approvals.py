@@ -24,7 +24,7 @@ import orjson
 from sqlalchemy import Select, select, text, update
 
 from ztai.audit.events import new_event_id, now_iso
-from ztai.errors import MalformedRequest, NotFound, ZtaiError
+from ztai.errors import Conflict, MalformedRequest, NotFound, SelfApproval
 from ztai.store import Approval, Database, aware, rows_changed
 
 STATUSES = ("pending", "approved", "denied", "used")
@@ -34,22 +34,6 @@ APPROVAL_ID = re.compile(r"apr_[0-9a-f]{24}")
 _CALL_HASH = re.compile(r"[0-9a-f]{32,64}")
 _OPEN = ("pending", "approved")  # states that expire
 _ADVISORY_NAMESPACE = 0x7A7461  # PostgreSQL advisory locks of `request` (two-key space, own namespace)
-
-
-class Conflict(ZtaiError):
-    """The approval cannot be decided: it was decided already or has expired."""
-
-    status = 409
-    type = "invalid_request_error"
-    code = "conflict"
-
-
-class SelfApproval(ZtaiError):
-    """The principal whose call is held cannot decide its own approval (separation of duties)."""
-
-    status = 403
-    type = "permission_error"
-    code = "self_approval"
 
 
 class ApprovalStore:

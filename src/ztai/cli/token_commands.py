@@ -15,13 +15,12 @@ from ztai.audit.events import decision_event, identity_event, new_event_id
 from ztai.cli.common import ConfigOption, fail, open_audit_log, settings_for
 from ztai.cli.task_commands import revoke_and_record
 from ztai.config import DEFAULT_CONFIG_PATH, Settings
-from ztai.errors import ZtaiError
+from ztai.errors import ExchangeError, ZtaiError
 from ztai.identity import RevocationList, TokenVerifier, issue_token, parse_claims
 from ztai.identity.exchange import (
     GRANT_TYPE,
     JWT_TOKEN_TYPE,
     Authorize,
-    ExchangeError,
     ExchangePlan,
     ExchangeRequest,
     TokenExchange,

@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import orjson
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.middleware.exceptions import ExceptionMiddleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ztai.config import Settings, load_settings, with_upstreams
@@ -29,11 +30,16 @@ from ztai.gateway import (
 )
 from ztai.gateway.openai_routes import chat_completions, embeddings, list_models
 from ztai.gateway.responses import (
+    ErrorBoundary,
+    Handler,
     JSONResponse,
+    handle_client_disconnect,
+    handle_mcp_error,
     handle_method_not_allowed,
     handle_not_found,
-    handle_unexpected,
+    handle_oauth_error,
     handle_ztai_error,
+    protocol_handlers,
 )
 from ztai.gateway.runtime import Runtime
 from ztai.store import shared
@@ -111,7 +117,8 @@ class RequestMetrics:
         finally:
             # The route's template, not the raw path: ids in paths must not grow the label set.
             route = scope.get("route")
-            label = getattr(route, "path", None) or "unmatched"
+            template = getattr(route, "path", None)
+            label = scope.get("root_path", "") + template if template else "unmatched"
             metrics.REQUESTS.labels(label, str(status)).inc()
             metrics.STAGE["total"].observe(time.perf_counter() - started)
 
@@ -139,20 +146,27 @@ def create_app(settings: Settings) -> Starlette:
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         *approval_routes.ROUTES,
         *agent_routes.ROUTES,
-        *oauth_routes.ROUTES,
         *task_routes.ROUTES,
-        *mcp_routes.ROUTES,
         *vault_routes.ROUTES,
+        # Each protocol's routes answer errors in its own form (ztai.gateway.responses).
+        _protocol("/oauth", oauth_routes.ROUTES, handle_oauth_error),
+        _protocol("/mcp", mcp_routes.ROUTES, handle_mcp_error),
     ]
-    handlers: dict[int | type[Exception], Callable[[Request, Exception], Awaitable[Response]]] = {
+    handlers: dict[int | type[Exception], Handler] = {
         ZtaiError: handle_ztai_error,
+        ClientDisconnect: handle_client_disconnect,
         404: handle_not_found,
         405: handle_method_not_allowed,
-        Exception: handle_unexpected,
     }
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    app.add_middleware(ErrorBoundary)
     app.add_middleware(RequestMetrics)
     return app
+
+
+def _protocol(prefix: str, routes: list[BaseRoute], handler: Handler) -> Mount:
+    """`routes` under `prefix`, their typed errors answered by `handler`."""
+    return Mount(prefix, app=ExceptionMiddleware(Router(routes), handlers=protocol_handlers(handler)))
 
 
 def app_from_environment() -> Starlette:

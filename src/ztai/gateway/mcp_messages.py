@@ -26,7 +26,15 @@ from typing import Any
 import orjson
 from starlette.datastructures import Headers
 
-from ztai.errors import ApprovalRequired, PermissionDenied, UpstreamError, UpstreamTimeout, ZtaiError
+from ztai.errors import (
+    ApprovalRequired,
+    PermissionDenied,
+    RpcProblem,
+    UpstreamError,
+    UpstreamTimeout,
+    ZtaiError,
+)
+from ztai.gateway.bounds import nests_deeper
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
@@ -49,19 +57,6 @@ MAX_JSON_DEPTH = 64
 Message = dict[str, Any]
 
 
-class RpcProblem(Exception):
-    """A JSON-RPC error to answer with (before or instead of forwarding)."""
-
-    def __init__(
-        self, code: int, message: str, *, status: int = 200, data: dict[str, Any] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.status = status
-        self.data = data
-
-
 def parse_message(body: bytes, max_depth: int) -> Message:
     """One JSON-RPC 2.0 message (request, notification or response), bounded in depth."""
     if body.lstrip()[:1] == b"[":
@@ -76,7 +71,7 @@ def parse_message(body: bytes, max_depth: int) -> Message:
         ) from None
     if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
         raise RpcProblem(INVALID_REQUEST, "body must be one JSON-RPC 2.0 message object", status=400)
-    if _too_deep(message, max_depth):
+    if nests_deeper(message, max_depth):
         raise RpcProblem(INVALID_REQUEST, f"message nests deeper than {max_depth} levels", status=400)
     method = message.get("method")
     if "method" in message and (not isinstance(method, str) or not 0 < len(method) <= MAX_METHOD_LENGTH):
@@ -150,7 +145,9 @@ def rpc_error(request_id: Any, code: int, message: str, data: dict[str, Any] | N
 
 
 def problem_of(error: ZtaiError) -> RpcProblem:
-    """A typed error as a JSON-RPC error, keeping its HTTP status."""
+    """A typed error as a JSON-RPC error, keeping its HTTP status: the one JSON-RPC mapping."""
+    if isinstance(error, RpcProblem):
+        return error
     if isinstance(error, PermissionDenied):
         effect = _ERROR_EFFECTS.get(error.code, "deny")
         approval_id = error.approval_id if isinstance(error, ApprovalRequired) else None
@@ -201,14 +198,3 @@ def _strings(value: Any, depth: int) -> list[str]:
     if isinstance(value, list):
         return [s for item in value for s in _strings(item, depth + 1)]
     return []
-
-
-def _too_deep(value: Any, limit: int) -> bool:
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-    return False

@@ -46,10 +46,10 @@ import aiohttp
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from ztai.agents.guard import AgentGuard
-from ztai.errors import AuthenticationError, ZtaiError
+from ztai.errors import AuthenticationError, RpcProblem, ZtaiError
 from ztai.gateway import metrics
 from ztai.gateway.mcp_messages import (
     EFFECT_CODES,
@@ -61,7 +61,6 @@ from ztai.gateway.mcp_messages import (
     METHOD_NOT_FOUND,
     UPSTREAM_FAILED,
     Message,
-    RpcProblem,
     check_routing_headers,
     json_object,
     parse_message,
@@ -362,7 +361,7 @@ class Exchange:
             return await rewrite(message)
         except ZtaiError as error:
             problem = problem_of(error)
-            return rpc_error(self.request_id, problem.code, problem.message, problem.data)
+            return rpc_error(self.request_id, problem.rpc_code, problem.message, problem.data)
 
     # Forwarding ------------------------------------------------------------------------------------------
     def outgoing_headers(self) -> dict[str, str]:
@@ -426,9 +425,9 @@ class Exchange:
                         self.refuse_server_request(message)
                     elif "method" in message:
                         yield encode_sse(event)  # a notification (progress, log message)
-        except (ZtaiError, RpcProblem) as error:
-            problem = error if isinstance(error, RpcProblem) else problem_of(error)
-            failed = rpc_error(self.request_id, problem.code, problem.message)
+        except ZtaiError as error:
+            problem = problem_of(error)
+            failed = rpc_error(self.request_id, problem.rpc_code, problem.message)
             yield encode_sse(SseEvent(orjson.dumps(failed).decode()))
             answered = True
         finally:
@@ -553,10 +552,10 @@ class Exchange:
     def problem_response(self, problem: RpcProblem) -> Response:
         """A JSON-RPC error for this request with its HTTP status."""
         return JSONResponse(
-            rpc_error(self.request_id, problem.code, problem.message, problem.data), problem.status
+            rpc_error(self.request_id, problem.rpc_code, problem.message, problem.data), problem.status
         )
 
 
-ROUTES = [Route("/mcp/{server}", mcp_endpoint, methods=["POST", "GET", "DELETE"])]
+ROUTES: list[BaseRoute] = [Route("/{server}", mcp_endpoint, methods=["POST", "GET", "DELETE"])]  # at /mcp
 
 __all__ = ["ROUTES", "McpGateway", "mcp_endpoint"]

@@ -11,15 +11,15 @@ time (`timeout_seconds`, 504 beyond).
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncGenerator, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 
 import aiohttp
 
 from ztai.config import McpServerSettings
-from ztai.errors import ConfigError, UpstreamError, UpstreamResponseTooLarge, UpstreamTimeout
+from ztai.errors import ConfigError, UpstreamResponseTooLarge
 from ztai.gateway.sse import SseDecoder, SseEvent
+from ztai.gateway.upstream import upstream_errors
 
 # Request headers of the streamable HTTP transport that go upstream (lower case). `mcp-param-*` headers
 # (2026 revision: tool arguments mirrored for routing) go too; the server checks them against the body.
@@ -93,7 +93,7 @@ class McpUpstreams:
         outgoing = dict(headers)
         if upstream.authorization:
             outgoing["authorization"] = upstream.authorization
-        with upstream_errors(upstream):
+        with upstream_errors(f"MCP server {upstream.name}"):
             response: aiohttp.ClientResponse = await self.session.request(
                 method,
                 upstream.url,
@@ -119,17 +119,6 @@ def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return outgoing
 
 
-@contextmanager
-def upstream_errors(upstream: McpUpstream) -> Iterator[None]:
-    """Client failures as typed errors naming the server: a timeout is 504, anything else 502."""
-    try:
-        yield
-    except TimeoutError:
-        raise UpstreamTimeout(f"MCP server {upstream.name} timed out") from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamError(f"MCP server {upstream.name} failed: {type(exc).__name__}") from None
-
-
 async def read_bounded(response: aiohttp.ClientResponse, upstream: McpUpstream) -> bytes:
     """The whole body, refusing one over `max_response_bytes` without reading it all."""
     limit = upstream.max_response_bytes
@@ -137,7 +126,7 @@ async def read_bounded(response: aiohttp.ClientResponse, upstream: McpUpstream) 
         raise _too_large(upstream)
     chunks: list[bytes] = []
     size = 0
-    with upstream_errors(upstream):
+    with upstream_errors(f"MCP server {upstream.name}"):
         async for chunk in response.content.iter_chunked(65_536):
             size += len(chunk)
             if size > limit:
@@ -152,7 +141,7 @@ async def sse_events(
     """The events of an SSE answer as they arrive; the stream as a whole is bounded like a body."""
     decoder = SseDecoder(upstream.max_event_bytes)
     size = 0
-    with upstream_errors(upstream):
+    with upstream_errors(f"MCP server {upstream.name}"):
         async for chunk in response.content.iter_any():
             size += len(chunk)
             if size > upstream.max_response_bytes:

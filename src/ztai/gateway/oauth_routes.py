@@ -13,41 +13,23 @@ import time
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from ztai.audit.events import identity_event, new_event_id
-from ztai.errors import PayloadTooLarge, ZtaiError
+from ztai.errors import ExchangeError
 from ztai.gateway import metrics
 from ztai.gateway.pipeline import Call, collect_context, decide, read_body, start_recording
-from ztai.gateway.responses import JSONResponse
+from ztai.gateway.responses import NO_STORE, JSONResponse
 from ztai.gateway.runtime import Runtime
-from ztai.identity.exchange import ExchangeError, ExchangePlan, ExchangeRequest, TokenExchange, Verdict
+from ztai.identity.exchange import ExchangePlan, ExchangeRequest, TokenExchange, Verdict
 
 FORM_TYPE = "application/x-www-form-urlencoded"
-NO_STORE = {"cache-control": "no-store", "pragma": "no-cache"}
 
 
 async def token_endpoint(request: Request) -> Response:
-    """The OAuth token endpoint (only the token-exchange grant)."""
+    """The OAuth token endpoint (only the token-exchange grant); errors are RFC 6749 JSON (the `/oauth`
+    mount's handler, `ztai.gateway.responses.oauth_error_response`)."""
     runtime: Runtime = request.app.state.runtime
-    try:
-        return await _exchange(runtime, request)
-    except ExchangeError as exc:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=NO_STORE)
-    except PayloadTooLarge as exc:
-        return _error("invalid_request", exc.message, exc.status)
-    except ZtaiError as exc:  # store, audit or policy unavailable (503): fail closed, say so briefly
-        error = "temporarily_unavailable" if exc.status == 503 else "server_error"
-        return _error(error, exc.message, exc.status)
-
-
-def _error(error: str, description: str, status: int) -> Response:
-    return JSONResponse(
-        {"error": error, "error_description": description}, status_code=status, headers=NO_STORE
-    )
-
-
-async def _exchange(runtime: Runtime, request: Request) -> Response:
     settings = runtime.settings
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != FORM_TYPE:
         raise ExchangeError("invalid_request", f"the request body must be {FORM_TYPE}")
@@ -97,4 +79,4 @@ def _decide(runtime: Runtime, request: Request, call: Call, plan: ExchangePlan) 
     metrics.DECISIONS.labels(call.action, call.decision.effect).inc()
 
 
-ROUTES = [Route("/oauth/token", token_endpoint, methods=["POST"])]
+ROUTES: list[BaseRoute] = [Route("/token", token_endpoint, methods=["POST"])]  # mounted at /oauth

@@ -36,7 +36,7 @@ from ztai.gateway.pipeline import (
     parse_json_object,
     start_recording,
 )
-from ztai.gateway.responses import JSONResponse
+from ztai.gateway.responses import JSONResponse, sse_error_event
 from ztai.gateway.runtime import RouteInspectors, Runtime
 from ztai.gateway.scanning import off_loop
 from ztai.gateway.upstream import Upstream, passed_headers, read_decoded, relay
@@ -186,10 +186,7 @@ async def _sse_errors(first: bytes, chunks: AsyncGenerator[bytes, None]) -> Asyn
         async for chunk in chunks:
             yield chunk
     except ZtaiError as failed:
-        error: dict[str, Any] = {"message": failed.message, "type": failed.type, "code": failed.code}
-        if isinstance(failed, PermissionDenied):
-            error["decision_id"] = failed.decision_id
-        yield b"data: " + orjson.dumps({"error": error}) + b"\n\n"
+        yield sse_error_event(failed)
     finally:
         await chunks.aclose()
 

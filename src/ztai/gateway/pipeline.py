@@ -29,6 +29,7 @@ from ztai.errors import (
     StepUpRequired,
 )
 from ztai.gateway import metrics
+from ztai.gateway.bounds import nests_deeper
 from ztai.gateway.runtime import Runtime
 from ztai.identity import Principal
 from ztai.policy import Decision, principal_request
@@ -77,22 +78,9 @@ def parse_json_object(body: bytes, max_depth: int) -> dict[str, Any]:
         raise MalformedRequest(f"request body is not valid JSON: {exc.msg} at position {exc.pos}") from None
     if not isinstance(payload, dict):
         raise MalformedRequest("request body must be a JSON object")
-    if _depth_exceeds(payload, max_depth):
+    if nests_deeper(payload, max_depth):
         raise MalformedRequest(f"request body nests deeper than {max_depth} levels")
     return payload
-
-
-def _depth_exceeds(value: Any, limit: int) -> bool:
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > limit:
-            return True
-        if isinstance(node, dict):
-            stack.extend((child, depth + 1) for child in node.values() if isinstance(child, dict | list))
-        elif isinstance(node, list):
-            stack.extend((child, depth + 1) for child in node if isinstance(child, dict | list))
-    return False
 
 
 # Stage 2: authenticate -----------------------------------------------------------------------------

@@ -111,7 +111,7 @@ class Upstreams:
 
     async def post(self, upstream: Upstream, path: str, body: bytes) -> UpstreamResponse:
         """Send the request and read the whole answer, decoded and bounded."""
-        with _as_upstream_errors(upstream):
+        with upstream_errors(f"upstream {upstream.name}"):
             async with self._send(upstream, path, body) as response:
                 content = await read_decoded(response, upstream)
                 return UpstreamResponse(response.status, passed_headers(response), content)
@@ -119,7 +119,7 @@ class Upstreams:
     async def open_stream(self, upstream: Upstream, path: str, body: bytes) -> aiohttp.ClientResponse:
         """Send the request and return the response with its body unread (the caller relays it). An
         answer in an encoding ztai cannot decode is refused here, before anything is relayed."""
-        with _as_upstream_errors(upstream):
+        with upstream_errors(f"upstream {upstream.name}"):
             response: aiohttp.ClientResponse = await self._send(upstream, path, body)
         try:
             BodyDecoder.for_response(response, upstream)
@@ -148,7 +148,7 @@ async def relay(response: aiohttp.ClientResponse, upstream: Upstream) -> AsyncGe
     stream with an error event."""
     decoder = BodyDecoder.for_response(response, upstream)
     try:
-        with _as_upstream_errors(upstream):
+        with upstream_errors(f"upstream {upstream.name}"):
             async for chunk in response.content.iter_any():
                 if decoded := decoder.feed(chunk):
                     yield decoded
@@ -163,7 +163,7 @@ async def read_decoded(response: aiohttp.ClientResponse, upstream: Upstream) -> 
     decoder = BodyDecoder.for_response(response, upstream)
     if response.content_length is not None and response.content_length > upstream.max_response_bytes:
         raise decoder.too_large()
-    with _as_upstream_errors(upstream):
+    with upstream_errors(f"upstream {upstream.name}"):
         parts = [decoder.feed(chunk) async for chunk in response.content.iter_chunked(_READ_CHUNK)]
     parts.append(decoder.flush())
     return b"".join(parts)
@@ -250,14 +250,15 @@ class BodyDecoder:
 
 
 @contextmanager
-def _as_upstream_errors(upstream: Upstream) -> Iterator[None]:
-    """Client failures as typed errors: a timeout is 504, anything else 502."""
+def upstream_errors(who: str) -> Iterator[None]:
+    """The one translation of HTTP client failures talking to `who` ("upstream x", "MCP server y"):
+    a timeout is UpstreamTimeout (504), anything else UpstreamError (502), naming only the error type."""
     try:
         yield
     except TimeoutError:
-        raise UpstreamTimeout(f"upstream {upstream.name} timed out") from None
+        raise UpstreamTimeout(f"{who} timed out") from None
     except aiohttp.ClientError as exc:
-        raise UpstreamError(f"upstream {upstream.name} failed: {type(exc).__name__}") from None
+        raise UpstreamError(f"{who} failed: {type(exc).__name__}") from None
 
 
 def passed_headers(response: aiohttp.ClientResponse) -> dict[str, str]:

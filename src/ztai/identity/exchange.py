@@ -24,8 +24,8 @@ from urllib.parse import parse_qsl
 import orjson
 
 from ztai.config import Settings
-from ztai.errors import AuthenticationError, ZtaiError
-from ztai.identity.grants import GrantError, GrantRequest, attenuate, unlisted_tools
+from ztai.errors import AuthenticationError, ExchangeError, GrantError
+from ztai.identity.grants import GrantRequest, attenuate, unlisted_tools
 from ztai.identity.keys import KeyStore
 from ztai.identity.task_tokens import TaskClaims, act_claim, task_claims
 from ztai.identity.tokens import IssuedToken, Principal, issue_token
@@ -42,24 +42,6 @@ MAX_DETAILS_BYTES = 65_536
 MAX_SHORT_FIELD = 512
 # RFC 8693 §2.2.2: an invalid or unacceptable subject_token or actor_token MUST be `invalid_request`.
 BAD_TOKEN = "invalid_request"  # noqa: S105 (an error code)
-
-
-class ExchangeError(ZtaiError):
-    """A refused token exchange: `code` is the RFC 6749 / 8693 / 9396 error, the message its description."""
-
-    status = 400
-    type = "invalid_request_error"
-
-    def __init__(self, error: str, description: str, *, decision_id: str = "") -> None:
-        super().__init__(description, code=error)
-        self.decision_id = decision_id
-
-    def body(self) -> dict[str, str]:
-        """The RFC 6749 §5.2 error response body."""
-        body = {"error": self.code, "error_description": self.message}
-        if self.decision_id:
-            body["decision_id"] = self.decision_id
-        return body
 
 
 # The request ------------------------------------------------------------------------------------------

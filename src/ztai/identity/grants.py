@@ -22,7 +22,7 @@ from typing import Any
 
 import re2
 
-from ztai.errors import ZtaiError
+from ztai.errors import GrantError
 from ztai.identity.egress import (
     Egress,
     Target,
@@ -46,14 +46,6 @@ MAX_ENUM = 256
 BUDGET_KINDS = ("calls", "tokens")
 CONSTRAINT_KINDS = ("enum", "pattern", "prefix", "min", "max", "max_length", "hosts")
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}/(\*|[A-Za-z0-9._:-]{1,128})$")
-
-
-class GrantError(ZtaiError):
-    """A grant request that is malformed or asks for more than the parent grant allows."""
-
-    status = 400
-    type = "invalid_request_error"
-    code = "invalid_scope"
 
 
 Constraint = dict[str, Any]
