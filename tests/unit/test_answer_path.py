@@ -16,13 +16,11 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.loopback import serving
+from tests.loopback import in_process, serving
 from ztai.config import load_settings
-from ztai.gateway.app import create_app
 from ztai.gateway.runtime import Runtime
 from ztai.gateway.sse import SseDecoder
 from ztai.identity import KeyStore, issue_token
-from ztai.store import open_database
 
 SECRET = "ghp_" + "Zk3v9QmT2xWb7LpR4nYc8HsD1fGj6KuE5aVo"
 EMAIL = "maria.lopez@example.com"
@@ -108,14 +106,7 @@ async def gateway(ztai_home: Path, provider: Provider) -> AsyncIterator[Gateway]
     )
     (ztai_home / "policies" / "redact-answer-pii.cedar").write_text(REDACT_PII)
     settings = load_settings(config)
-    database = open_database(settings.store_url)
-    database.migrate()
-    database.close()
-    app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ztai.test") as http,
-    ):
+    async with in_process(settings) as (http, app):
         yield Gateway(http, app.state.runtime, ztai_home)
 
 
@@ -433,7 +424,7 @@ async def test_the_revocation_list_stays_fresh_through_a_large_request(
 
     provider.answer(completion({"content": "ok"}))
     large = " ".join(f"user{i}@example.com" for i in range(5000))
-    revocations = gateway.runtime.revocations
+    revocations = gateway.runtime.identity.revocations
     started = time.monotonic()
     response = await gateway.chat(large)
     took = time.monotonic() - started

@@ -12,13 +12,11 @@ import httpx
 import pytest
 from aiohttp import web
 
-from tests.loopback import serving
+from tests.loopback import in_process, serving
 from ztai.config import load_settings
-from ztai.gateway.app import create_app
 from ztai.gateway.runtime import Runtime
 from ztai.identity import KeyStore, issue_token
 from ztai.identity.task_tokens import act_claim
-from ztai.store import open_database
 
 MARIA, JOHN = "maria.lopez@example.com", "john.smith@example.org"
 
@@ -103,14 +101,7 @@ async def client(ztai_home: Path, upstream: RecordingUpstream) -> AsyncIterator[
     config = ztai_home / "ztai.yaml"
     config.write_text(config.read_text().replace("http://127.0.0.1:9100/v1", upstream.url))
     settings = load_settings(config)
-    database = open_database(settings.store_url)
-    database.migrate()
-    database.close()
-    app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ztai.test") as http,
-    ):
+    async with in_process(settings) as (http, app):
         yield Client(http, ztai_home, app.state.runtime)
 
 

@@ -16,7 +16,7 @@ async def admit_admin(runtime: Runtime, request: Request, area: str) -> Call:
     """Authenticate, decide `admin` on AdminApi::<area>, make the decision durable, raise unless allowed.
 
     Returns the call (its `payload` holds the JSON body, when there is one)."""
-    body, principal = await admit(runtime, request)
+    body, principal = await admit(runtime.identity, runtime.settings.server, request)
     call = Call(route=request.url.path, action="admin", resource_type="AdminApi", resource_id=area, body=body)
     call.principal = principal
     if body:

@@ -36,7 +36,7 @@ SOURCES = ("tool_output", "document", "user")
 
 async def authorize(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
-    body, principal = await admit(runtime, request)
+    body, principal = await admit(runtime.identity, runtime.settings.server, request)
     payload = parse_json_object(body, runtime.settings.server.max_json_depth)
     server = _name(payload, "server", required=False) or "default"
     tool = _name(payload, "tool", required=True)
@@ -46,7 +46,6 @@ async def authorize(request: Request) -> Response:
     definition = payload.get("definition")
     if definition is not None and not isinstance(definition, dict):
         raise MalformedRequest("'definition' must be an MCP tool object")
-    assert runtime.agents is not None
     decision = await runtime.agents.authorize(
         principal,
         server,
@@ -61,7 +60,7 @@ async def authorize(request: Request) -> Response:
 
 async def observe(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
-    body, principal = await admit(runtime, request)
+    body, principal = await admit(runtime.identity, runtime.settings.server, request)
     payload = parse_json_object(body, runtime.settings.server.max_json_depth)
     content = payload.get("content")
     if not isinstance(content, str):
@@ -69,7 +68,6 @@ async def observe(request: Request) -> Response:
     source = payload.get("source", "tool_output")
     if source not in SOURCES:
         raise MalformedRequest(f"'source' must be one of {', '.join(SOURCES)}")
-    assert runtime.agents is not None
     route = "/v1/agents/observe"
     server, tool = _name(payload, "server", required=False), _name(payload, "tool", required=False)
     if task_claims(principal, runtime.settings.issuer) is not None:
@@ -103,7 +101,7 @@ async def _subjects_task(runtime: Runtime, principal: Principal, task_token: obj
     if len(task_token) > runtime.settings.identity.max_token_bytes:
         raise MalformedRequest("'task_token' is larger than identity.max_token_bytes")
     try:
-        task_principal = await runtime.verifier.verify_async(task_token)
+        task_principal = await runtime.identity.verifier.verify_async(task_token)
         task = task_claims(task_principal, runtime.settings.issuer)
     except AuthenticationError as exc:
         raise PermissionDenied(

@@ -58,20 +58,20 @@ async def readyz(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     checks: dict[str, str] = {}
     try:
-        await asyncio.to_thread(runtime.database.ping)
+        await asyncio.to_thread(runtime.stores.database.ping)
         checks["store"] = "ok"
     except StoreError as exc:
         checks["store"] = exc.message
-    if runtime.redis is not None:
+    if runtime.stores.redis is not None:
         try:
-            await shared.ping(runtime.redis)
+            await shared.ping(runtime.stores.redis)
             checks["redis"] = "ok"
         except StoreError as exc:
             checks["redis"] = exc.message
-    checks["keys"] = "ok" if runtime.keys.signing and runtime.keys.audit else "missing"
-    checks["audit"] = "ok" if runtime.audit.healthy else "audit writer failing"
+    checks["keys"] = "ok" if runtime.identity.keys.signing and runtime.identity.keys.audit else "missing"
+    checks["audit"] = "ok" if runtime.audit.writer.healthy else "audit writer failing"
     try:
-        runtime.revocations.is_revoked("", "")
+        runtime.identity.revocations.is_revoked("", "")
         checks["revocations"] = "ok"
     except StoreError as exc:
         checks["revocations"] = exc.message
@@ -88,9 +88,9 @@ async def metrics_endpoint(_request: Request) -> Response:
 
 async def jwks(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
-    runtime.keys.reload_if_changed()
+    runtime.identity.keys.reload_if_changed()
     lifetime = runtime.settings.identity.max_ttl_seconds + runtime.settings.identity.leeway_seconds
-    return JSONResponse(runtime.keys.jwks(lifetime), headers={"cache-control": "public, max-age=60"})
+    return JSONResponse(runtime.identity.keys.jwks(lifetime), headers={"cache-control": "public, max-age=60"})
 
 
 class RequestMetrics:

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ztai.agents.approvals import LIST_FILTERS, MAX_LIST, ApprovalStore, approval_event, approval_json
+from ztai.agents.approvals import LIST_FILTERS, MAX_LIST, approval_event, approval_json
 from ztai.errors import MalformedRequest
 from ztai.gateway.admin import admit_admin
 from ztai.gateway.pipeline import Call
@@ -21,13 +21,6 @@ from ztai.gateway.runtime import Runtime
 
 AREA = "approvals"
 MAX_NOTE_CHARS = 500
-
-
-def _store(runtime: Runtime) -> ApprovalStore:
-    # The runtime holds one once the agent guard is wired in; until then build one over its database
-    # (the store is stateless apart from that handle, so this costs nothing).
-    store = getattr(runtime, "approvals", None)
-    return store if isinstance(store, ApprovalStore) else ApprovalStore(runtime.database)
 
 
 def _tenant(call: Call) -> str:
@@ -45,7 +38,7 @@ async def list_approvals(request: Request) -> Response:
     limit_text = request.query_params.get("limit", "100")
     if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIST:
         raise MalformedRequest(f"limit must be a number from 1 to {MAX_LIST}", code="invalid_limit")
-    rows = await asyncio.to_thread(_store(runtime).list, _tenant(call), status, int(limit_text))
+    rows = await asyncio.to_thread(runtime.approvals.list, _tenant(call), status, int(limit_text))
     return JSONResponse({"object": "list", "data": [approval_json(row) for row in rows]})
 
 
@@ -53,7 +46,9 @@ async def get_approval(request: Request) -> Response:
     """GET /admin/approvals/{approval_id}"""
     runtime: Runtime = request.app.state.runtime
     call = await admit_admin(runtime, request, AREA)
-    approval = await asyncio.to_thread(_store(runtime).get, _tenant(call), request.path_params["approval_id"])
+    approval = await asyncio.to_thread(
+        runtime.approvals.get, _tenant(call), request.path_params["approval_id"]
+    )
     return JSONResponse(approval_json(approval))
 
 
@@ -76,10 +71,10 @@ async def _decide(request: Request, *, approve: bool) -> Response:
         raise MalformedRequest(f"note must be a string of at most {MAX_NOTE_CHARS} characters")
     by = call.principal.spiffe_id
     approval = await asyncio.to_thread(
-        _store(runtime).decide, _tenant(call), request.path_params["approval_id"], approve, by
+        runtime.approvals.decide, _tenant(call), request.path_params["approval_id"], approve, by
     )
     # The admission above is already durable; this records the outcome (503 if it cannot be recorded).
-    await runtime.audit.record(approval_event(approval, by=by, note=note, via="api"))
+    await runtime.audit.writer.record(approval_event(approval, by=by, note=note, via="api"))
     return JSONResponse(approval_json(approval))
 
 

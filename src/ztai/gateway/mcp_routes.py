@@ -135,7 +135,7 @@ class McpGateway:
     def build(cls, runtime: Runtime) -> McpGateway:
         """From the runtime's settings; raises ConfigError when a server's credential variable is unset."""
         agents = runtime.settings.agents
-        key = hmac.new(runtime.finding_key, b"ztai mcp session binding", hashlib.sha256).digest()
+        key = hmac.new(runtime.audit.finding_key, b"ztai mcp session binding", hashlib.sha256).digest()
         return cls(McpUpstreams(agents.mcp_servers), key, TaskOwners(ttl_seconds=agents.max_task_ttl_seconds))
 
     def in_background(self, work: Awaitable[None]) -> None:
@@ -161,7 +161,7 @@ async def mcp_endpoint(request: Request) -> Response:
         return JSONResponse(problem, status_code=405, headers={"allow": "POST, DELETE"})
     runtime: Runtime = request.app.state.runtime
     gateway: McpGateway = request.app.state.mcp
-    body, principal = await admit(runtime, request)
+    body, principal = await admit(runtime.identity, runtime.settings.server, request)
     server = request.path_params["server"]
     upstream = gateway.upstreams.get(server)
     if upstream is None:
@@ -207,7 +207,6 @@ class Exchange:
 
     @property
     def guard(self) -> AgentGuard:
-        assert self.runtime.agents is not None  # Runtime.build always makes one
         return self.runtime.agents
 
     @property

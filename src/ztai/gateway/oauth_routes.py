@@ -35,7 +35,7 @@ async def token_endpoint(request: Request) -> Response:
         raise ExchangeError("invalid_request", f"the request body must be {FORM_TYPE}")
     body = await read_body(request, settings.server.max_body_bytes)
     exchange_request = ExchangeRequest.from_form(body, max_token_bytes=settings.identity.max_token_bytes)
-    exchange = TokenExchange(settings, runtime.keys, runtime.verifier)
+    exchange = TokenExchange(settings, runtime.identity.keys, runtime.identity.verifier)
     parties = await exchange.parties_async(exchange_request)
     call = Call(request.url.path, "token.exchange", "Agent", parties.actor.spiffe_id, body=body)
     call.principal = parties.subject
@@ -56,10 +56,13 @@ async def token_endpoint(request: Request) -> Response:
         if recording is not None:
             await recording  # the decision is durable before any answer, allow or deny
     await asyncio.to_thread(
-        runtime.revocations.record_task, issued.token.tenant, issued.task.task_id, issued.token.expires_at
+        runtime.identity.revocations.record_task,
+        issued.token.tenant,
+        issued.task.task_id,
+        issued.token.expires_at,
     )
     details = {**issued.audit_details(), "by": "exchange", "route": call.route}
-    await runtime.audit.record(
+    await runtime.audit.writer.record(
         identity_event(
             "token.issued", tenant=issued.token.tenant, principal=issued.token.subject, details=details
         )

@@ -39,7 +39,7 @@ from ztai.gateway.pipeline import (
 from ztai.gateway.responses import JSONResponse, sse_error_event
 from ztai.gateway.runtime import RouteInspectors, Runtime
 from ztai.gateway.scanning import off_loop
-from ztai.gateway.upstream import Upstream, passed_headers, read_decoded, relay
+from ztai.gateway.upstream import Upstream, Upstreams, passed_headers, read_decoded, relay
 from ztai.policy import principal_request
 
 MAX_MODEL_NAME = 256
@@ -56,16 +56,16 @@ async def embeddings(request: Request) -> Response:
 
 async def _model_call(request: Request, *, action: str, path: str, required: str) -> Response:
     runtime: Runtime = request.app.state.runtime
-    body, principal = await admit(runtime, request)
+    body, principal = await admit(runtime.identity, runtime.settings.server, request)
     payload = parse_json_object(body, runtime.settings.server.max_json_depth)
     model = _model_name(payload)
     if required not in payload:
         raise MalformedRequest(f"missing required field {required!r}")
     upstream = runtime.upstreams.for_model(model)  # unknown model: 404 before any decision is needed
-    vault = runtime.vault_for(principal, request.headers.get(SESSION_HEADER))  # bad header: 422
+    vault = runtime.inspection.vault_for(principal, request.headers.get(SESSION_HEADER))  # bad header: 422
     call = Call(path, action, "Model", model, body=body, payload=payload, principal=principal)
-    inspectors = runtime.inspectors.get(action)
-    content = await _inspect_input(runtime, call, inspectors)
+    inspectors = runtime.inspection.routes.get(action)
+    content = await _inspect_input(runtime.audit.finding_key, call, inspectors)
     decision = decide_call(runtime, request, call)
     if decision.allowed and content is not None:
         # Before the audit commit starts: on SQLite a session vault's transaction would otherwise queue
@@ -79,14 +79,16 @@ async def _model_call(request: Request, *, action: str, path: str, required: str
     if not decision.allowed or runtime.settings.audit.commit_before_forward:
         await recording
         enforce(call)
-    if runtime.canaries is not None and action == "chat":
+    if runtime.inspection.canaries is not None and action == "chat":
         session = request.headers.get(SESSION_HEADER) or call.decision_id
-        body = add_canary(payload, runtime.canaries.issue(f"{principal.tenant}/{session}"))
+        body = add_canary(payload, runtime.inspection.canaries.issue(f"{principal.tenant}/{session}"))
     output = _OutputGuard(runtime, request, call, inspectors, vault)
     # Nothing is answered before the decision is durable. If the commit fails, its AuditUnavailable (503)
     # replaces whatever the upstream said: fail closed.
     try:
-        response = await _forward(runtime, upstream, call, body, payload.get("stream") is True, output)
+        response = await _forward(
+            runtime.upstreams, upstream, call, body, payload.get("stream") is True, output
+        )
     except ZtaiError:
         await recording
         raise
@@ -101,7 +103,7 @@ async def _model_call(request: Request, *, action: str, path: str, required: str
 
 
 async def _inspect_input(
-    runtime: Runtime, call: Call, inspectors: RouteInspectors | None
+    finding_key: bytes, call: Call, inspectors: RouteInspectors | None
 ) -> RequestContent | None:
     if inspectors is None or inspectors.input is None:
         return None
@@ -111,22 +113,23 @@ async def _inspect_input(
     # One keyed hash per finding: thousands of them (a pasted address list) are hashed off the loop.
     findings = content.inspection.findings
     call.findings = await off_loop(
-        len(findings) * FINDING_COST_CHARS, lambda: audit_findings(content.inspection, runtime.finding_key)
+        len(findings) * FINDING_COST_CHARS,
+        lambda: audit_findings(content.inspection, finding_key),
     )
     metrics.STAGE["inspect"].observe(time.perf_counter() - stage)
     return content
 
 
 async def _forward(
-    runtime: Runtime, upstream: Upstream, call: Call, body: bytes, stream: bool, output: _OutputGuard
+    upstreams: Upstreams, upstream: Upstream, call: Call, body: bytes, stream: bool, output: _OutputGuard
 ) -> Response:
     stage = time.perf_counter()
     try:
         if stream:
-            streamed = await runtime.upstreams.open_stream(upstream, call.route, body)
+            streamed = await upstreams.open_stream(upstream, call.route, body)
             metrics.STAGE["upstream"].observe(time.perf_counter() - stage)
             return await _streamed_response(upstream, call, streamed, output)
-        result = await runtime.upstreams.post(upstream, call.route, body)
+        result = await upstreams.post(upstream, call.route, body)
         metrics.STAGE["upstream"].observe(time.perf_counter() - stage)
         return await _answer(call, result.status, result.headers, result.body, output)
     except UpstreamError:
@@ -226,7 +229,7 @@ class _OutputGuard:
         output_call = dataclasses.replace(
             self._call,
             content=inspection.context(),
-            findings=audit_findings(inspection, self._runtime.finding_key),
+            findings=audit_findings(inspection, self._runtime.audit.finding_key),
         )
         decision = decide_call(self._runtime, self._request, output_call)
         self._pending.append(output_call)
@@ -276,7 +279,7 @@ def _model_name(payload: dict[str, Any]) -> str:
 async def list_models(request: Request) -> Response:
     """Only the models the caller may use (each checked against policy as a `chat` request)."""
     runtime: Runtime = request.app.state.runtime
-    principal = await authenticate(runtime, request)
+    principal = await authenticate(runtime.identity, request)
     context = collect_context(Call("/models", "chat", "Model", "", principal=principal), request)
     names = sorted(runtime.upstreams.by_model)
     requests = [
@@ -284,7 +287,7 @@ async def list_models(request: Request) -> Response:
     ]
     decisions = runtime.policy.decide_many(requests)
     allowed = [name for name, decision in zip(names, decisions, strict=True) if decision.allowed]
-    await runtime.audit.record(
+    await runtime.audit.writer.record(
         identity_event(
             "models.list",
             tenant=principal.tenant,

@@ -20,6 +20,7 @@ import orjson
 from starlette.requests import Request
 
 from ztai.audit.events import decision_event, new_event_id
+from ztai.config import ServerSettings
 from ztai.errors import (
     AuthenticationError,
     MalformedRequest,
@@ -30,7 +31,7 @@ from ztai.errors import (
 )
 from ztai.gateway import metrics
 from ztai.gateway.bounds import nests_deeper
-from ztai.gateway.runtime import Runtime
+from ztai.gateway.runtime import Identity, Runtime
 from ztai.identity import Principal
 from ztai.policy import Decision, principal_request
 from ztai.policy.context import principal_context
@@ -96,8 +97,8 @@ def bearer_token(request: Request) -> str:
     return token.strip()
 
 
-async def authenticate(runtime: Runtime, request: Request) -> Principal:
-    return await runtime.verifier.verify_async(bearer_token(request))
+async def authenticate(identity: Identity, request: Request) -> Principal:
+    return await identity.verifier.verify_async(bearer_token(request))
 
 
 # Stage 3: collect context --------------------------------------------------------------------------
@@ -162,17 +163,17 @@ async def record(runtime: Runtime, call: Call) -> None:
     )
     if call.findings:
         event["findings"] = call.findings
-    await runtime.audit.record(event)
+    await runtime.audit.writer.record(event)
 
 
 # The sequence --------------------------------------------------------------------------------------
-async def admit(runtime: Runtime, request: Request) -> tuple[bytes, Principal]:
+async def admit(identity: Identity, server: ServerSettings, request: Request) -> tuple[bytes, Principal]:
     """Read the bounded body and authenticate the caller: 413 or 401 before anything else is looked at."""
     stage = time.perf_counter()
-    body = await read_body(request, runtime.settings.server.max_body_bytes)
+    body = await read_body(request, server.max_body_bytes)
     now = time.perf_counter()
     metrics.STAGE["read"].observe(now - stage)
-    principal = await authenticate(runtime, request)
+    principal = await authenticate(identity, request)
     metrics.STAGE["authenticate"].observe(time.perf_counter() - now)
     return body, principal
 

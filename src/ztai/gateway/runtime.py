@@ -8,7 +8,8 @@ import gc
 import hashlib
 import logging
 import signal
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -117,29 +118,107 @@ def _redis_client(settings: Settings) -> aioredis.Redis | None:
     return async_client(settings.store.redis_url, settings.store.redis_timeout_seconds)
 
 
-@dataclass
-class Runtime:
-    settings: Settings
+def _audit(settings: Settings, database: Database, keys: KeyStore) -> Audit:
+    log = AuditLog(database, keys.audit.private_key)
+    exporter = OcsfFileExporter(settings.path(settings.audit.ocsf_file)) if settings.audit.ocsf_file else None
+    writer = AuditWriter(
+        log,
+        batch_max=settings.audit.batch_max_events,
+        checkpoint_interval=settings.audit.checkpoint_interval_seconds,
+        exporter=exporter,
+    )
+    finding_key = hashlib.sha256(b"ztai finding hash\0" + keys.audit_secret()).digest()
+    return Audit(log=log, writer=writer, finding_key=finding_key)
+
+
+def _vaults(settings: Settings, database: Database, raw_audit_key: bytes) -> Vaults | None:
+    vault = settings.detect.vault
+    if not vault.enabled:
+        return None
+    store = SqlVaultStore(database, ttl_seconds=vault.ttl_seconds, max_entries=vault.max_entries)
+    return Vaults(keys=VaultKeys.load(raw_audit_key), store=store, issuer=settings.issuer)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stores:
+    """Where state lives: the SQL store and, when `store.redis_url` is set, Redis."""
+
     database: Database
+    redis: aioredis.Redis | None = None  # the shared client (sessions, readiness); connects lazily
+
+
+@dataclass(frozen=True, kw_only=True)
+class Identity:
+    """Who the caller is: signing keys, the revocation list and the token verifier."""
+
     keys: KeyStore
     revocations: RevocationList
     verifier: TokenVerifier
-    policy: PolicyEngine
-    audit_log: AuditLog
-    audit: AuditWriter
-    upstreams: Upstreams
-    inspectors: dict[str, RouteInspectors]  # by action
-    finding_key: bytes  # keys the hashes of finding values in audit records
+
+
+@dataclass(frozen=True, kw_only=True)
+class Audit:
+    """The tamper-evident log, its group-commit writer, and the key of finding hashes in its records."""
+
+    log: AuditLog
+    writer: AuditWriter
+    finding_key: bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class Vaults:
+    """Session tokenization vaults (`detect.vault.enabled`): their keys and their tables."""
+
+    keys: VaultKeys
+    store: SqlVaultStore
+    issuer: str  # task tokens of this issuer name the session of their root task
+
+    def vault_for(self, principal: Principal, session_header: str | None) -> SessionVault:
+        """The vault of a request's session (the header, else a task token's root task), or one for
+        this request alone when it names no session."""
+        task = task_claims(principal, self.issuer)
+        session = session_name(session_header, task.root if task is not None else None)
+        if session is None:
+            return SessionVault()
+        return SessionVault(self.store, self.scope(principal, session))
+
+    def scope(self, principal: Principal, session: str) -> Scope:
+        """Whose vault `session` is: the principal's; for a task token the subject's together with the
+        root actor (the agent holding the root task of its chain)."""
+        task = task_claims(principal, self.issuer)
+        root_actor = task.actors[-1] if task is not None else ""
+        return self.keys.scope(principal.tenant, principal.spiffe_id, session, root_actor)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Inspection:
+    """Content inspection: the detectors of each route, the canaries, the session vaults."""
+
+    routes: dict[str, RouteInspectors]  # by action
     canaries: CanaryDetector | None  # shared by the requests' system prompts and the scans
-    agents: AgentGuard | None = None  # tool-call decisions and session taint (ztai.agents)
-    approvals: ApprovalStore | None = None
-    vault_keys: VaultKeys | None = None  # session tokenization vaults (None: per-request vaults only)
-    vault_store: SqlVaultStore | None = None
-    _refresher: asyncio.Task[None] | None = None
-    _vault_purger: asyncio.Task[None] | None = None
-    _session_purger: asyncio.Task[None] | None = None
+    vaults: Vaults | None  # None: per-request tokenization only
+
+    def vault_for(self, principal: Principal, session_header: str | None) -> SessionVault:
+        if self.vaults is None:
+            return SessionVault()
+        return self.vaults.vault_for(principal, session_header)
+
+
+@dataclass(kw_only=True)
+class Runtime:
+    """What a running gateway holds, in a few holders; a stage takes the holder it uses."""
+
+    settings: Settings
+    stores: Stores
+    identity: Identity
+    policy: PolicyEngine
+    audit: Audit
+    inspection: Inspection
+    upstreams: Upstreams
+    agents: AgentGuard  # tool-call decisions and session taint (ztai.agents)
+    approvals: ApprovalStore
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)  # the background loops
     _revocation_feed: RevocationFeed | None = None  # Redis pub/sub of revocations, when configured
-    redis: aioredis.Redis | None = None  # the shared client of `store.redis_url` (sessions, readiness)
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
@@ -149,84 +228,66 @@ class Runtime:
             sqlite_synchronous=settings.store.sqlite_synchronous,
             pool_size=settings.store.pool_size,
         )
+        stores = Stores(database=database, redis=_redis_client(settings))
         keys = KeyStore.load(settings.data_path)
         revocations = RevocationList(database, refresh_seconds=settings.identity.revocation_refresh_seconds)
         revocations.refresh()
+        identity = Identity(
+            keys=keys, revocations=revocations, verifier=TokenVerifier(settings, keys, revocations)
+        )
         upstreams = Upstreams(settings.upstreams)
         policy = PolicyEngine(
             settings.policy_path,
             model_entities((model, upstream.name) for model, upstream in upstreams.by_model.items()),
         )
-        audit_log = AuditLog(database, keys.audit.private_key)
-        exporter = (
-            OcsfFileExporter(settings.path(settings.audit.ocsf_file)) if settings.audit.ocsf_file else None
-        )
-        audit = AuditWriter(
-            audit_log,
-            batch_max=settings.audit.batch_max_events,
-            checkpoint_interval=settings.audit.checkpoint_interval_seconds,
-            exporter=exporter,
-        )
-        verifier = TokenVerifier(settings, keys, revocations)
+        audit = _audit(settings, database, keys)
         raw_audit_key = keys.audit_secret()
         # Keyed from keys.json, which every worker and replica shares: any of them knows every canary.
         canary_key = hashlib.sha256(b"ztai canary key\0" + raw_audit_key).digest()
         canaries = CanaryDetector(canary_key) if settings.detect.canaries else None
-        finding_key = hashlib.sha256(b"ztai finding hash\0" + raw_audit_key).digest()
-        approvals = ApprovalStore(database)
-        redis = _redis_client(settings)
-        vault = settings.detect.vault
-        vault_keys = VaultKeys.load(raw_audit_key) if vault.enabled else None
-        vault_store = (
-            SqlVaultStore(database, ttl_seconds=vault.ttl_seconds, max_entries=vault.max_entries)
-            if vault.enabled
-            else None
+        inspection = Inspection(
+            routes=_route_inspectors(settings, canaries),
+            canaries=canaries,
+            vaults=_vaults(settings, database, raw_audit_key),
         )
+        approvals = ApprovalStore(database)
         guard = AgentGuard.build(
             settings,
             policy,
-            audit.record,
-            finding_key,
-            sessions=_session_store(settings, database, redis),
+            audit.writer.record,
+            audit.finding_key,
+            sessions=_session_store(settings, database, stores.redis),
             approvals=approvals,
             canaries=canaries,
         )
         guard.inspector.warm()  # the tool-output detectors too: nothing loads on the first request
         return cls(
-            settings,
-            database,
-            keys,
-            revocations,
-            verifier,
-            policy,
-            audit_log,
-            audit,
-            upstreams,
-            _route_inspectors(settings, canaries),
-            finding_key,
-            canaries,
-            guard,
-            approvals,
-            vault_keys,
-            vault_store,
-            redis=redis,
+            settings=settings,
+            stores=stores,
+            identity=identity,
+            policy=policy,
+            audit=audit,
+            inspection=inspection,
+            upstreams=upstreams,
+            agents=guard,
+            approvals=approvals,
         )
 
     async def start(self) -> None:
-        self.audit.start()
+        self.audit.writer.start()
         scanning.prefer_event_loop()
         # The scanning worker loads its detectors now, not during the first large request.
-        scanning.warm(
-            [d for r in self.inspectors.values() for i in (r.input, r.output) if i for d in i.detectors]
-        )
-        self._refresher = asyncio.create_task(self._refresh_revocations())
-        if self.vault_store is not None:
-            self._vault_purger = asyncio.create_task(self._purge_vaults(self.vault_store))
-        sessions = self.agents.sessions if self.agents is not None else None
+        routes = self.inspection.routes.values()
+        scanning.warm([d for r in routes for i in (r.input, r.output) if i for d in i.detectors])
+        revocations = self.identity.revocations
+        self._every(self.settings.identity.revocation_refresh_seconds, revocations.refresh)
+        if self.inspection.vaults is not None:
+            self._every(self.settings.detect.vault.purge_interval_seconds, self.inspection.vaults.store.purge)
+        sessions = self.agents.sessions
         if isinstance(sessions, SqlSessionStore):
-            self._session_purger = asyncio.create_task(self._purge_sessions(sessions))
+            self._every(sessions.purge_interval_seconds, sessions.purge)
         if self.settings.store.redis_url:
-            self._revocation_feed = RevocationFeed(self.revocations, self.settings.store.redis_url)
+            self._revocation_feed = RevocationFeed(revocations, self.settings.store.redis_url)
             self._revocation_feed.start()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_policies)
@@ -236,19 +297,17 @@ class Runtime:
         gc.freeze()
 
     async def close(self) -> None:
-        for task in (self._refresher, self._vault_purger, self._session_purger):
-            if task is not None:
-                task.cancel()
+        for task in self._tasks:
+            task.cancel()
         if self._revocation_feed is not None:
             await self._revocation_feed.close()
         await self.upstreams.close()
-        if self.agents is not None:
-            await self.agents.sessions.close()
-        if self.redis is not None:
+        await self.agents.sessions.close()
+        if self.stores.redis is not None:
             with contextlib.suppress(RedisError, OSError):
-                await self.redis.aclose()  # idempotent: the Redis session store may have closed it
-        await asyncio.to_thread(self.audit.stop)
-        self.database.close()
+                await self.stores.redis.aclose()  # idempotent: the Redis session store may have closed it
+        await asyncio.to_thread(self.audit.writer.stop)
+        self.stores.database.close()
 
     def reload_policies(self) -> None:
         try:
@@ -258,43 +317,15 @@ class Runtime:
             return
         log.info("policies reloaded: revision %s (%d files)", bundle.revision, len(bundle.files))
 
-    def vault_for(self, principal: Principal, session_header: str | None) -> SessionVault:
-        """The tokenization vault of a request: its session's (the header, else a task token's root
-        task) when session vaults are on, else one for this request alone."""
-        task = task_claims(principal, self.settings.issuer)
-        session = session_name(session_header, task.root if task is not None else None)
-        if session is None or self.vault_keys is None or self.vault_store is None:
-            return SessionVault()
-        return SessionVault(self.vault_store, self.vault_scope(self.vault_keys, principal, session))
+    def _every(self, seconds: float, work: Callable[[], object]) -> None:
+        """Run the blocking `work` every `seconds` off the loop, logging (not raising) its failures."""
 
-    def vault_scope(self, keys: VaultKeys, principal: Principal, session: str) -> Scope:
-        """Whose vault `session` is: the principal's; for a task token the subject's together with the
-        root actor (the agent holding the root task of its chain)."""
-        task = task_claims(principal, self.settings.issuer)
-        root_actor = task.actors[-1] if task is not None else ""
-        return keys.scope(principal.tenant, principal.spiffe_id, session, root_actor)
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(seconds)
+                try:
+                    await asyncio.to_thread(work)
+                except ZtaiError as exc:
+                    log.warning("%s", exc.message)
 
-    async def _purge_vaults(self, store: SqlVaultStore) -> None:
-        while True:
-            await asyncio.sleep(self.settings.detect.vault.purge_interval_seconds)
-            try:
-                await asyncio.to_thread(store.purge)
-            except ZtaiError as exc:
-                log.warning("%s", exc.message)
-
-    async def _purge_sessions(self, store: SqlSessionStore) -> None:
-        while True:
-            await asyncio.sleep(store.purge_interval_seconds)
-            try:
-                await asyncio.to_thread(store.purge)
-            except ZtaiError as exc:
-                log.warning("%s", exc.message)
-
-    async def _refresh_revocations(self) -> None:
-        interval = self.settings.identity.revocation_refresh_seconds
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await asyncio.to_thread(self.revocations.refresh)
-            except ZtaiError as exc:
-                log.warning("%s", exc.message)
+        self._tasks.append(asyncio.create_task(loop()))

@@ -42,8 +42,10 @@ async def revoke_task(request: Request) -> Response:
     # Every token of the task expires within the longest lifetime ztai issues: remember it that long.
     expires_at = time.time() + identity.max_ttl_seconds + identity.leeway_seconds
     # A task ztai did not issue in the caller's tenant (another tenant's, or none) is 404, nothing recorded.
-    await asyncio.to_thread(runtime.revocations.revoke_tenant_task, tenant, task_id, expires_at, reason)
-    await runtime.audit.record(
+    await asyncio.to_thread(
+        runtime.identity.revocations.revoke_tenant_task, tenant, task_id, expires_at, reason
+    )
+    await runtime.audit.writer.record(
         identity_event(
             "task.revoked",
             tenant=tenant,

@@ -23,14 +23,15 @@ from ztai.gateway.runtime import Runtime
 
 async def forget_session(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
-    principal = await authenticate(runtime, request)
+    principal = await authenticate(runtime.identity, request)
     session = session_name(str(request.path_params["session"]), None)  # malformed: 400
     assert session is not None
-    if runtime.vault_keys is None or runtime.vault_store is None:
+    vaults = runtime.inspection.vaults
+    if vaults is None:
         raise NotFound("session vaults are disabled (detect.vault.enabled)")
-    scope = runtime.vault_scope(runtime.vault_keys, principal, session)
-    removed = await asyncio.to_thread(runtime.vault_store.forget, scope)
-    await runtime.audit.record(
+    scope = vaults.scope(principal, session)
+    removed = await asyncio.to_thread(vaults.store.forget, scope)
+    await runtime.audit.writer.record(
         identity_event(
             "vault.forgotten",
             tenant=principal.tenant,
