@@ -19,6 +19,7 @@ from ztai.agents.session import MemorySessionStore, RedisSessionStore, SessionSt
 from ztai.agents.sql_sessions import SqlSessionStore
 from ztai.audit import AuditLog, AuditWriter
 from ztai.audit.ocsf import OcsfFileExporter
+from ztai.audit.witness import WitnessExporter, build_witnesses
 from ztai.config import Settings
 from ztai.detect.base import Detector
 from ztai.detect.canary import CanaryDetector
@@ -161,11 +162,18 @@ class Runtime:
         exporter = (
             OcsfFileExporter(settings.path(settings.audit.ocsf_file)) if settings.audit.ocsf_file else None
         )
+        witness = settings.audit.witness
         audit = AuditWriter(
             audit_log,
             batch_max=settings.audit.batch_max_events,
             checkpoint_interval=settings.audit.checkpoint_interval_seconds,
+            max_uncovered_seconds=settings.audit.uncovered_bound,
             exporter=exporter,
+            witnesses=WitnessExporter(
+                build_witnesses(witness, settings.path), max_pending=witness.max_pending
+            ),
+            checkpoints_to_ocsf=witness.ocsf,
+            tenant=settings.trust_domain,
         )
         verifier = TokenVerifier(settings, keys, revocations)
         raw_audit_key = keys.audit_secret()
