@@ -1,9 +1,9 @@
 """End to end, on SQLite and PostgreSQL: an audit log that cannot go quiet.
 
-The real server with two workers and a witness file; the database is tampered with behind its back
-(the newest checkpoint's stored frontier overwritten, a tenant column edited, the newest checkpoints
-and events deleted), and `/readyz`, `/metrics`, the server log and `ztai audit verify [--witness]` must
-each say so."""
+The real server (two workers where readiness is at stake) and a witness file; the database is tampered
+with behind its back (the newest checkpoint's stored frontier overwritten, a tenant column edited, the
+newest checkpoints and events deleted), and `/readyz`, `/metrics`, the server log and
+`ztai audit verify [--witness]` must each say so."""
 
 from __future__ import annotations
 
@@ -24,15 +24,14 @@ from ztai.store import Database, open_database
 HELLO = {"model": "mock", "messages": [{"role": "user", "content": "hello"}]}
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Gateway, Database, Path]]:
-    store_url = store_url_for(str(request.param), tmp_path)
+def _setup(kind: str, tmp_path: Path, workers: int) -> Iterator[tuple[Gateway, Database, Path]]:
+    store_url = store_url_for(kind, tmp_path)
     witness = tmp_path / "witness" / "checkpoints.jsonl"
     gateway = start_gateway(
         tmp_path,
         store_url,
         extra_env={"ZTAI_AUDIT__WITNESS__FILE": str(witness), "ZTAI_AUDIT__MAX_UNCOVERED_SECONDS": "3"},
-        serve_args=("--workers", "2"),
+        serve_args=("--workers", str(workers)),
     )
     database = open_database(store_url)
     try:
@@ -40,6 +39,16 @@ def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Gate
     finally:
         database.close()
         gateway.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Gateway, Database, Path]]:
+    yield from _setup(str(request.param), tmp_path, workers=1)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def two_workers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Gateway, Database, Path]]:
+    yield from _setup(str(request.param), tmp_path, workers=2)
 
 
 def _sql(database: Database, statement: str, **params: Any) -> Any:
@@ -83,9 +92,9 @@ def _failures(gateway: Gateway, reason: str) -> float:
 
 
 def test_a_tampered_frontier_is_loud_and_recovers_without_restart(
-    setup: tuple[Gateway, Database, Path],
+    two_workers: tuple[Gateway, Database, Path],
 ) -> None:
-    gateway, database, _witness = setup
+    gateway, database, _witness = two_workers
     _traffic(gateway)
     _until(lambda: _covered(database), "every event covered")
     assert _readyz(gateway).json()["checks"]["audit"] == "ok"
@@ -115,7 +124,12 @@ def test_a_tampered_frontier_is_loud_and_recovers_without_restart(
     failed = gateway.cli("audit", "verify", check=False)
     assert failed.returncode == 1 and "stored frontier of the checkpoint" in failed.stderr, failed.stderr
 
-    _sql(database, "UPDATE audit_checkpoints SET frontier = :good WHERE tree_size = :n", good=good, n=newest)
+    repaired = gateway.cli("audit", "repair-frontier")  # the cause is gone: the frontier is derived data
+    assert f"tree sizes {newest}" in repaired.stderr, repaired.stderr
+    assert (
+        _sql(database, "SELECT frontier FROM audit_checkpoints WHERE tree_size = :n", n=newest).scalar_one()
+        == good
+    )
     _until(lambda: all(_readyz(gateway).status_code == 200 for _ in range(6)), "readyz 200 again")
     _until(lambda: _covered(database), "every event covered again")
     kinds = [

@@ -17,7 +17,7 @@ from sqlalchemy import delete, select, update
 
 from tests.unit.test_audit_log import _tamper, event
 from ztai.audit import AuditLog, AuditWriter
-from ztai.audit.log import CheckpointError
+from ztai.audit.log import CheckpointError, canonical
 from ztai.config import AuditSettings
 from ztai.store import AuditCheckpoint, AuditEvent, Database
 
@@ -74,6 +74,24 @@ def test_a_tampered_frontier_fails_verify_and_stops_checkpoints_loudly(
     with pytest.raises(CheckpointError) as failed:
         audit_log.checkpoint()
     assert failed.value.reason == "frontier_mismatch"
+
+
+def test_repair_rewrites_only_frontiers_the_signed_roots_vouch_for(
+    audit_log: AuditLog, database: Database
+) -> None:
+    for batch in range(3):
+        audit_log.append([event(batch * 4 + i) for i in range(4)])
+        audit_log.checkpoint()
+    assert audit_log.repair_frontiers() == []
+    _tamper(database, update(AuditCheckpoint).where(AuditCheckpoint.tree_size >= 8).values(frontier=b"x"))
+    assert audit_log.repair_frontiers() == [8, 12]
+    assert audit_log.verify().ok
+    audit_log.append([event(12)])
+    assert audit_log.checkpoint() is not None  # checkpoints resume
+    body = canonical({**audit_log.event(2), "effect": "deny"})  # type: ignore[dict-item]
+    _tamper(database, update(AuditEvent).where(AuditEvent.seq == 2).values(body=body))
+    with pytest.raises(CheckpointError, match="do not reproduce the checkpoint at tree size 4"):
+        audit_log.repair_frontiers()
 
 
 def test_coverage_is_read_from_the_store(audit_log: AuditLog, database: Database) -> None:

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import orjson
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from sqlalchemy import String, func, select, text, type_coerce
+from sqlalchemy import String, func, select, text, type_coerce, update
 from sqlalchemy.orm import Session
 
 from ztai.audit import merkle
@@ -437,6 +437,51 @@ class AuditLog:
                     )
         report.events = expected_seq
         return None
+
+    def repair_frontiers(self, public_keys: dict[str, Ed25519PublicKey] | None = None) -> list[int]:
+        """Rewrite stored frontiers that disagree with the tree (they are derived data, and a wrong one
+        stops every later checkpoint). Only where the events reproduce the checkpoint's signed root:
+        anything else is not a frontier problem and raises CheckpointError. Returns the sizes repaired."""
+        checkpoints = self.checkpoints()
+        problem = _check_chain(checkpoints, public_keys or {self._key_id: self.public_key})
+        if problem:
+            raise CheckpointError("chain", problem)
+        stored = self._frontiers()
+        wrong = {
+            size: blob
+            for size, blob in self._true_frontiers({c.tree_size: c.root_hash for c in checkpoints}).items()
+            if stored.get(size) != blob
+        }
+        with self._database.transaction() as session:
+            self._lock(session)
+            for size, blob in wrong.items():
+                session.execute(
+                    update(AuditCheckpoint).where(AuditCheckpoint.tree_size == size).values(frontier=blob)
+                )
+        return sorted(wrong)
+
+    def _true_frontiers(self, roots: dict[int, bytes]) -> dict[int, bytes]:
+        """The frontier at each signed size, recomputed from the stored bodies and checked against the
+        signed root."""
+        pending = dict(roots)
+        found: dict[int, bytes] = {}
+        frontier: list[bytes] = []
+        for seq, row in enumerate(self._rows()):
+            if row.seq != seq or not pending:
+                break
+            frontier = merkle.extend_frontier(frontier, seq, [merkle.hash_leaf(row.body)])
+            root = pending.pop(seq + 1, None)
+            if root is not None:
+                if merkle.frontier_root(frontier) != root:
+                    raise CheckpointError(
+                        "root_mismatch", f"the events do not reproduce the checkpoint at tree size {seq + 1}"
+                    )
+                found[seq + 1] = b"".join(frontier)
+        if pending:
+            raise CheckpointError(
+                "events_missing", f"the checkpoint at tree size {min(pending)} covers missing events"
+            )
+        return found
 
     def _frontiers(self) -> dict[int, bytes]:
         with self._database.sessions() as session:

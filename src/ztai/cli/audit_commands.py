@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ztai.audit import Checkpoint, merkle
+from ztai.audit.log import CheckpointError
 from ztai.audit.witness import read_witness_file
 from ztai.cli.common import ConfigOption, fail, open_audit_log, settings_for
 from ztai.config import DEFAULT_CONFIG_PATH
@@ -82,6 +83,26 @@ def _read_witness(path: Path) -> list[Checkpoint]:
         )
         raise typer.Exit(1)
     return found.checkpoints
+
+
+@app.command("repair-frontier")
+def repair_frontier(config: ConfigOption = DEFAULT_CONFIG_PATH) -> None:
+    """Rewrite stored checkpoint frontiers that no longer match the tree, so checkpoints resume.
+
+    A frontier is derived data; it is rewritten only where the stored events reproduce the signed root.
+    Example: ztai audit repair-frontier
+    """
+    database, keys, audit_log = open_audit_log(settings_for(config))
+    try:
+        repaired = audit_log.repair_frontiers({keys.audit.kid: keys.audit.public_key})
+    except CheckpointError as exc:
+        fail(f"nothing repaired: {exc}; run `ztai audit verify`")
+    finally:
+        database.close()
+    if repaired:
+        err.print(f"repaired the frontiers of the checkpoints at tree sizes {', '.join(map(str, repaired))}")
+    else:
+        err.print("every stored frontier matches the tree: nothing to repair")
 
 
 @app.command("proof")
