@@ -194,7 +194,10 @@ class _Endpoint:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["content-length"]))
-                if endpoint.failures > 0:
+                if self.path == "/moved":  # urllib would follow with a GET, whose 2xx is no delivery
+                    self.send_response(302)
+                    self.send_header("location", "/elsewhere")
+                elif endpoint.failures > 0:
                     endpoint.failures -= 1
                     self.send_response(503)
                 else:
@@ -202,6 +205,10 @@ class _Endpoint:
                         {"auth": self.headers.get("authorization"), **orjson.loads(body)}
                     )
                     self.send_response(204)
+                self.end_headers()
+
+            def do_GET(self) -> None:
+                self.send_response(200)
                 self.end_headers()
 
             def log_message(self, *_args: object) -> None:
@@ -267,3 +274,10 @@ def test_a_full_witness_queue_drops_the_oldest_and_counts_it(audit_log: AuditLog
     for checkpoint in _grow(audit_log, 3):
         exporter.submit(checkpoint)
     assert _exports("dropped") - dropped == 1
+
+
+def test_a_redirect_is_not_a_delivery(audit_log: AuditLog, endpoint: _Endpoint) -> None:
+    (checkpoint,) = _grow(audit_log, 1)
+    witness = HttpWitness(endpoint.url.replace("/checkpoints", "/moved"), timeout=2)
+    with pytest.raises(OSError):
+        witness.send(witness_record(checkpoint))

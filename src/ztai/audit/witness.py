@@ -80,9 +80,20 @@ class HttpWitness:
 
     def send(self, record: bytes) -> None:
         request = urllib.request.Request(self.url, data=record, headers=self._headers, method="POST")  # noqa: S310
-        with urllib.request.urlopen(request, timeout=self._timeout) as response:  # noqa: S310 (http(s) only)
+        with _OPENER.open(request, timeout=self._timeout) as response:
             if not 200 <= response.status < 300:
                 raise OSError(f"witness answered {response.status}")
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is a failure: urllib would follow a 302 with a GET and no body, and its 2xx would
+    count as delivered."""
+
+    def redirect_request(self, *_args: Any, **_kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects())
 
 
 def build_witnesses(settings: WitnessSettings, resolve: Callable[[str], Path]) -> list[Witness]:
