@@ -76,6 +76,21 @@ def test_a_tampered_frontier_fails_verify_and_stops_checkpoints_loudly(
     assert failed.value.reason == "frontier_mismatch"
 
 
+def test_a_frontier_of_the_wrong_shape_is_refused_even_when_its_root_matches(
+    audit_log: AuditLog, database: Database
+) -> None:
+    audit_log.append([event(i) for i in range(6)])  # size 6: two subtrees (4 + 2)
+    signed = audit_log.checkpoint()
+    assert signed is not None
+    _tamper(database, update(AuditCheckpoint).values(frontier=signed.root_hash))  # "the root" alone
+    audit_log.append([event(6)])
+    with pytest.raises(CheckpointError):
+        audit_log.checkpoint()  # extending it would sign a wrong root
+    assert "stored frontier" in audit_log.verify().problem
+    assert audit_log.repair_frontiers() == [6]
+    assert audit_log.checkpoint() is not None and audit_log.verify().ok
+
+
 def test_repair_rewrites_only_frontiers_the_signed_roots_vouch_for(
     audit_log: AuditLog, database: Database
 ) -> None:

@@ -229,7 +229,10 @@ class AuditLog:
             if size == old_size:
                 return None
             frontier = _split_hashes(last.frontier) if last else []
-            if last is not None and merkle.frontier_root(frontier) != last.root_hash:
+            # One subtree per set bit of the size: a frontier of another shape (say, just the root)
+            # could match the root and still extend into a wrong tree, signed.
+            shape_ok = len(frontier) == old_size.bit_count()
+            if last is not None and (not shape_ok or merkle.frontier_root(frontier) != last.root_hash):
                 raise CheckpointError(
                     "frontier_mismatch",
                     f"the stored frontier of the checkpoint at tree size {old_size} does not match its"
