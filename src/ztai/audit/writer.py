@@ -68,9 +68,9 @@ class AuditWriter:
         return self._healthy and self._thread.is_alive()
 
     def status(self) -> str:
-        """ "ok", or why the log cannot be relied on: appends or checkpoints failing here, or (read from
-        the store, so whichever process failed) events waiting longer than the bound for a checkpoint.
-        Reads the store: call it off the event loop."""
+        """The audit check of /readyz: "ok", or why the log cannot be relied on: appends or checkpoints
+        failing here, or (read from the store, so whichever process failed) events waiting longer than
+        the bound for a checkpoint. Reads the store: call it off the event loop."""
         if not self.healthy:
             return "audit writer failing"
         if self._checkpoint_failure is not None:
