@@ -143,13 +143,52 @@ class PolicySettings(_Section):
     entities_file: str = ""  # optional static Cedar entities (JSON), parsed once
 
 
+class WitnessSettings(_Section):
+    """Where each signed checkpoint is also sent, out of reach of whoever controls the database, so
+    `ztai audit verify --witness` can tell when the newest checkpoints and events were deleted."""
+
+    file: str = ""  # append-only JSON lines, one checkpoint each
+    url: str = ""  # POST each checkpoint (JSON) here; retried with backoff, never on the request path
+    token_env: str = ""  # the variable holding a bearer token for `url`, if it wants one
+    ocsf: bool = False  # also write each checkpoint into `audit.ocsf_file` (activity audit.checkpoint)
+    timeout_seconds: float = Field(5.0, gt=0, le=60)
+    max_pending: int = Field(10_000, ge=1)  # per witness; beyond it the oldest are dropped (counted)
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, url: str) -> str:
+        if url and not url.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return url
+
+
 class AuditSettings(_Section):
     checkpoint_interval_seconds: float = Field(2.0, gt=0)
+    # Events older than this without a checkpoint make /readyz not ready and `ztai audit verify` fail.
+    # Empty: 5 checkpoint intervals, at least 30 s.
+    max_uncovered_seconds: float | None = Field(None, gt=0)
     batch_max_events: int = Field(512, ge=1, le=10_000)
     ocsf_file: str = ""  # optional OCSF JSON-lines export for SIEMs
     # False: the audit commit runs while the upstream call is in flight, and no byte of the response is
     # sent before it is durable (a failed commit still refuses the request). True: commit, then forward.
     commit_before_forward: bool = False
+    witness: WitnessSettings = WitnessSettings()
+
+    @model_validator(mode="after")
+    def _bound_above_interval(self) -> AuditSettings:
+        if (
+            self.max_uncovered_seconds is not None
+            and self.max_uncovered_seconds <= self.checkpoint_interval_seconds
+        ):
+            raise ValueError("max_uncovered_seconds must be longer than checkpoint_interval_seconds")
+        if self.witness.ocsf and not self.ocsf_file:
+            raise ValueError("witness.ocsf needs audit.ocsf_file")
+        return self
+
+    @property
+    def uncovered_bound(self) -> float:
+        """How long events may wait for a checkpoint before the log counts as failing."""
+        return self.max_uncovered_seconds or max(30.0, 5 * self.checkpoint_interval_seconds)
 
 
 DETECTOR_NAMES = ("injection", "pii", "secrets", "canary")

@@ -65,3 +65,12 @@ def identity_event(kind: str, *, tenant: str, principal: str, details: dict[str,
         "reasons": [],
         **details,
     }
+
+
+def audit_alert_event(kind: str, *, tenant: str, details: dict[str, Any]) -> dict[str, Any]:
+    """audit.checkpoint_failed, audit.checkpoint_recovered: the audit log speaking about itself, as the
+    gateway's own service principal (`tenant` is the deployment's trust domain)."""
+    service = f"spiffe://{tenant}/service/ztai"
+    return identity_event(
+        kind, tenant=tenant, principal=service, details={"resource": "audit-log", **details}
+    )

@@ -1,4 +1,8 @@
-"""OCSF-style JSON lines for SIEMs (API Activity, class 6003), appended to a file after each commit."""
+"""OCSF-style JSON lines for SIEMs (API Activity, class 6003), appended to a file after each commit.
+
+With `audit.witness.ocsf` each signed checkpoint is written there too (activity `audit.checkpoint`, the
+checkpoint under `unmapped.checkpoint`), so the SIEM doubles as a witness (`ztai audit verify --witness`).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ _DENIED = ("deny", "step_up")
 
 def to_ocsf(seq: int, event: dict[str, Any]) -> dict[str, Any]:
     denied = event.get("effect") in _DENIED
+    alert = event.get("effect") == "alert"  # the audit log's own alerts (audit.checkpoint_failed)
     return {
         "class_uid": 6003,
         "class_name": "API Activity",
@@ -23,9 +28,9 @@ def to_ocsf(seq: int, event: dict[str, Any]) -> dict[str, Any]:
         "activity_name": event["kind"],
         "type_uid": 600399,
         "time": int(datetime.fromisoformat(event["time"]).timestamp() * 1000),
-        "severity_id": 3 if denied else 1,
-        "status_id": 2 if denied else 1,
-        "status": "Failure" if denied else "Success",
+        "severity_id": 4 if alert else 3 if denied else 1,
+        "status_id": 2 if denied or alert else 1,
+        "status": "Failure" if denied or alert else "Success",
         "status_detail": event.get("effect", ""),
         "actor": {"user": {"uid": event.get("principal", ""), "org": {"uid": event.get("tenant", "")}}},
         "api": {"operation": event.get("action", "")},
@@ -45,6 +50,31 @@ def to_ocsf(seq: int, event: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def checkpoint_to_ocsf(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """A signed checkpoint (`Checkpoint.to_json()`) as an OCSF record a witness reader recognises."""
+    return {
+        "class_uid": 6003,
+        "class_name": "API Activity",
+        "category_uid": 6,
+        "category_name": "Application Activity",
+        "activity_id": 99,
+        "activity_name": "audit.checkpoint",
+        "type_uid": 600399,
+        "time": int(datetime.fromisoformat(checkpoint["created_at"]).timestamp() * 1000),
+        "severity_id": 1,
+        "status_id": 1,
+        "status": "Success",
+        "metadata": {
+            "version": OCSF_VERSION,
+            "uid": f"checkpoint-{checkpoint['tree_size']}",
+            "sequence": checkpoint["tree_size"],
+            "log_name": "ztai-audit",
+            "product": {"name": "ztai", "vendor_name": "ztai"},
+        },
+        "unmapped": {"checkpoint": checkpoint},
+    }
+
+
 class OcsfFileExporter:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,6 +82,10 @@ class OcsfFileExporter:
 
     def export(self, batch: list[tuple[int, dict[str, Any]]]) -> None:
         self._handle.write(b"".join(orjson.dumps(to_ocsf(seq, e)) + b"\n" for seq, e in batch))
+        self._handle.flush()
+
+    def export_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._handle.write(orjson.dumps(checkpoint_to_ocsf(checkpoint)) + b"\n")
         self._handle.flush()
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from ztai.agents.approvals import ApprovalStore, approval_event, approval_json
-from ztai.cli.common import ConfigOption, fail, open_audit_log, open_database_for, settings_for
+from ztai.cli.common import ConfigOption, fail, open_audit_log, open_database_for, record_events, settings_for
 from ztai.config import DEFAULT_CONFIG_PATH
 from ztai.errors import ZtaiError
 from ztai.store import Approval
@@ -117,10 +117,11 @@ def _decide(
     config: Path, approval_id: str, *, approve: bool, by: str | None, note: str, tenant: str | None
 ) -> None:
     decider = by or _login_name()
-    database, _keys, audit_log = open_audit_log(settings_for(config))
+    settings = settings_for(config)
+    database, _keys, audit_log = open_audit_log(settings)
     try:
         approval = ApprovalStore(database).decide(tenant, approval_id, approve, decider)
-        audit_log.append([approval_event(approval, by=decider, note=note, via="cli")])
+        record_events(settings, audit_log, [approval_event(approval, by=decider, note=note, via="cli")])
     except ZtaiError as exc:
         fail(exc.message)
     finally:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated
 
 import orjson
@@ -10,7 +12,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ztai.audit import merkle
+from ztai.audit import Checkpoint, merkle
+from ztai.audit.log import CheckpointError
+from ztai.audit.witness import read_witness_file
 from ztai.cli.common import ConfigOption, fail, open_audit_log, settings_for
 from ztai.config import DEFAULT_CONFIG_PATH
 
@@ -20,14 +24,31 @@ err = Console(stderr=True)
 
 
 @app.command("verify")
-def verify(config: ConfigOption = DEFAULT_CONFIG_PATH) -> None:
-    """Recompute every leaf and checkpoint; exit 1 naming the first bad entry if anything was altered.
+def verify(
+    witness: Annotated[
+        Path | None,
+        typer.Option(
+            "--witness",
+            help="a witness file (audit.witness.file, or the OCSF export with audit.witness.ocsf):"
+            " also detect deleted newest checkpoints and events, and any divergence from it",
+        ),
+    ] = None,
+    max_uncovered_seconds: Annotated[
+        float | None,
+        typer.Option(help="fail when events have waited longer than this for a checkpoint"),
+    ] = None,
+    config: ConfigOption = DEFAULT_CONFIG_PATH,
+) -> None:
+    """Recompute every leaf and checkpoint; exit 1 naming the first bad entry if anything was altered,
+    or if events have stayed uncovered by a checkpoint longer than audit.max_uncovered_seconds.
 
-    Example: ztai audit verify
+    Example: ztai audit verify --witness /var/log/ztai/checkpoints.jsonl
     """
-    database, keys, audit_log = open_audit_log(settings_for(config))
+    settings = settings_for(config)
+    witnessed = _read_witness(witness) if witness is not None else None
+    database, keys, audit_log = open_audit_log(settings)
     try:
-        report = audit_log.verify({keys.audit.kid: keys.audit.public_key})
+        report = audit_log.verify({keys.audit.kid: keys.audit.public_key}, witnessed)
     finally:
         database.close()
     if not report.ok:
@@ -35,9 +56,53 @@ def verify(config: ConfigOption = DEFAULT_CONFIG_PATH) -> None:
         raise typer.Exit(1)
     for note in report.notes:
         err.print(f"note: {note}")
+    bound = max_uncovered_seconds if max_uncovered_seconds is not None else settings.audit.uncovered_bound
+    waited = (datetime.now(UTC) - report.uncovered_since).total_seconds() if report.uncovered_since else 0.0
+    if waited > bound:
+        err.print(
+            f"[bold red]audit log NOT covered[/bold red]: {report.uncovered} events have waited {waited:.0f}s"
+            f" for a signed checkpoint (bound {bound:g}s): checkpoints are not being written, and"
+            " unsigned events can be deleted unnoticed"
+        )
+        raise typer.Exit(1)
     err.print(
         f"[green]audit log intact[/green]: {report.events} events, {report.checkpoints} signed checkpoints"
     )
+
+
+def _read_witness(path: Path) -> list[Checkpoint]:
+    try:
+        found = read_witness_file(path)
+    except OSError as exc:
+        fail(f"cannot read the witness file {path}: {exc.strerror or exc}")
+    for skipped in found.skipped:
+        err.print(f"[yellow]warning:[/yellow] witness file {skipped}, skipped")
+    if not found.checkpoints:
+        err.print(
+            f"[bold red]audit log NOT verified[/bold red]: the witness file {path} holds no checkpoints"
+        )
+        raise typer.Exit(1)
+    return found.checkpoints
+
+
+@app.command("repair-frontier")
+def repair_frontier(config: ConfigOption = DEFAULT_CONFIG_PATH) -> None:
+    """Rewrite stored checkpoint frontiers that no longer match the tree, so checkpoints resume.
+
+    A frontier is derived data; it is rewritten only where the stored events reproduce the signed root.
+    Example: ztai audit repair-frontier
+    """
+    database, keys, audit_log = open_audit_log(settings_for(config))
+    try:
+        repaired = audit_log.repair_frontiers({keys.audit.kid: keys.audit.public_key})
+    except CheckpointError as exc:
+        fail(f"nothing repaired: {exc}; run `ztai audit verify`")
+    finally:
+        database.close()
+    if repaired:
+        err.print(f"repaired the frontiers of the checkpoints at tree sizes {', '.join(map(str, repaired))}")
+    else:
+        err.print("every stored frontier matches the tree: nothing to repair")
 
 
 @app.command("proof")

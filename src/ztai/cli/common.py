@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 
 from ztai.audit import AuditLog
+from ztai.audit.witness import build_witnesses, deliver_now
 from ztai.config import Settings, load_settings
 from ztai.errors import ZtaiError
 from ztai.identity import KeyStore
@@ -60,3 +61,19 @@ def open_audit_log(settings: Settings) -> tuple[Database, KeyStore, AuditLog]:
     database = open_database_for(settings)
     keys = load_keys(settings)
     return database, keys, AuditLog(database, keys.audit.private_key)
+
+
+def record_events(settings: Settings, audit_log: AuditLog, events: list[dict[str, Any]]) -> None:
+    """Append `events` (durable when this returns), then sign a checkpoint covering them and hand it to
+    the witnesses: with no server running nothing else would, and events left uncovered fail
+    `ztai audit verify` once they are older than `audit.max_uncovered_seconds`."""
+    audit_log.append(events)
+    try:
+        checkpoint = audit_log.checkpoint()
+    except Exception as exc:  # the events are recorded; say loudly that they are not yet signed
+        _stderr.print(f"[bold red]warning:[/bold red] recorded, but no checkpoint could be written: {exc}")
+        return
+    if checkpoint is None:
+        return
+    for failure in deliver_now(build_witnesses(settings.audit.witness, settings.path), checkpoint):
+        _stderr.print(f"[yellow]warning:[/yellow] checkpoint not delivered to the witness {failure}")

@@ -94,6 +94,11 @@ audit:
   checkpoint_interval_seconds: 2
   ocsf_file: ""            # e.g. .ztai/audit.ocsf.jsonl for a SIEM
   commit_before_forward: false  # true: commit the audit event before the upstream sees the request
+  # max_uncovered_seconds: 30  # events older than this with no checkpoint: /readyz 503, verify fails
+  witness:                 # each signed checkpoint also goes here (ztai audit verify --witness FILE)
+    file: ""               # e.g. /var/log/ztai/checkpoints.jsonl, on storage the database admins cannot edit
+    url: ""                # POST each checkpoint as JSON, e.g. https://witness.example.org/ztai
+    ocsf: false            # true: also into ocsf_file, for the SIEM
 
 detect:                    # content detectors per route; policies/content.cedar decides what findings mean
   # max_input_chars: all the texts of one request together; more is refused (413) rather than scanned

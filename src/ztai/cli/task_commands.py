@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from ztai.audit.events import identity_event
-from ztai.cli.common import ConfigOption, fail, open_audit_log, settings_for
+from ztai.cli.common import ConfigOption, fail, open_audit_log, record_events, settings_for
 from ztai.config import DEFAULT_CONFIG_PATH, Settings
 from ztai.errors import ZtaiError
 from ztai.identity import RevocationList
@@ -77,7 +77,7 @@ def revoke_and_record(settings: Settings, tenant: str | None, kind: str, ident: 
             principal=f"{field}:{ident}",
             details={field: ident, "reason": reason, "by": "cli"},
         )
-        audit_log.append([event])
+        record_events(settings, audit_log, [event])
     except ZtaiError as exc:
         fail(exc.message)
     finally:

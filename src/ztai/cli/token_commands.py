@@ -12,7 +12,7 @@ from rich.console import Console
 
 from ztai.audit import AuditLog
 from ztai.audit.events import decision_event, identity_event, new_event_id
-from ztai.cli.common import ConfigOption, fail, open_audit_log, settings_for
+from ztai.cli.common import ConfigOption, fail, open_audit_log, record_events, settings_for
 from ztai.cli.task_commands import revoke_and_record
 from ztai.config import DEFAULT_CONFIG_PATH, Settings
 from ztai.errors import ExchangeError, ZtaiError
@@ -64,7 +64,9 @@ def _issue(config: Path, subject: str, ttl: int | None, claims: list[str]) -> st
             claims=extra_claims,
         )
         # Durable before the token is handed out: no unrecorded credentials.
-        audit_log.append(
+        record_events(
+            settings,
+            audit_log,
             [
                 identity_event(
                     "token.issued",
@@ -78,7 +80,7 @@ def _issue(config: Path, subject: str, ttl: int | None, claims: list[str]) -> st
                         "by": "cli",
                     },
                 )
-            ]
+            ],
         )
     except ZtaiError as exc:
         fail(exc.message)
@@ -171,7 +173,9 @@ def _exchange(config: Path, fields: dict[str, str]) -> str:
         issued = tokens.exchange(request, parties, policy_authorizer(settings, audit_log))
         revocations.record_task(issued.token.tenant, issued.task.task_id, issued.token.expires_at)
         details = {**issued.audit_details(), "by": "cli"}
-        audit_log.append(
+        record_events(
+            settings,
+            audit_log,
             [
                 identity_event(
                     "token.issued",
@@ -179,7 +183,7 @@ def _exchange(config: Path, fields: dict[str, str]) -> str:
                     principal=issued.token.subject,
                     details=details,
                 )
-            ]
+            ],
         )
     except ExchangeError as exc:
         decision = f" (decision {exc.decision_id})" if exc.decision_id else ""
@@ -222,7 +226,7 @@ def policy_authorizer(settings: Settings, audit_log: AuditLog) -> Authorize:
             policy_revision=decision.policy_revision,
             request={"route": "cli:token exchange", "jti": subject.jti},
         )
-        audit_log.append([event])
+        record_events(settings, audit_log, [event])
         return Verdict(
             decision.effect == "allow", decision_id, f"{decision.effect}: {', '.join(decision.reasons)}"
         )
@@ -257,7 +261,9 @@ def rotate(config: ConfigOption = DEFAULT_CONFIG_PATH) -> None:
         old = keys.active.kid
         lifetime = settings.identity.max_ttl_seconds + settings.identity.leeway_seconds
         fresh = keys.rotate(lifetime)
-        audit_log.append(
+        record_events(
+            settings,
+            audit_log,
             [
                 identity_event(
                     "keys.rotated",
@@ -265,7 +271,7 @@ def rotate(config: ConfigOption = DEFAULT_CONFIG_PATH) -> None:
                     principal=settings.issuer,
                     details={"old_kid": old, "new_kid": fresh.kid, "by": "cli"},
                 )
-            ]
+            ],
         )
     finally:
         database.close()

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from ztai.audit import AuditLog
 from ztai.audit.events import identity_event
-from ztai.cli.common import ConfigOption, fail, open_audit_log, settings_for
+from ztai.cli.common import ConfigOption, fail, open_audit_log, record_events, settings_for
 from ztai.config import DEFAULT_CONFIG_PATH, Settings
 from ztai.detect.vault import VaultKeys, session_name
 from ztai.detect.vault_store import SqlVaultStore
@@ -88,5 +88,5 @@ def forget(
             principal=principal,
             details={"scope": scope.id, "entries": removed, "by": "cli"},
         )
-        audit_log.append([event])
+        record_events(settings, audit_log, [event])
     err.print(f"forgot {removed} entries of that session vault")

@@ -54,7 +54,8 @@ async def healthz(_request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     """Each dependency and its state ("ok" or why not): store (the database), redis (when configured),
-    keys, audit (the writer), revocations; 503 while any is not ok."""
+    keys, audit (the writer, and checkpoints being written: derived from the store, so the same on
+    every worker), revocations; 503 while any is not ok."""
     runtime: Runtime = request.app.state.runtime
     checks: dict[str, str] = {}
     try:
@@ -69,7 +70,7 @@ async def readyz(request: Request) -> Response:
         except StoreError as exc:
             checks["redis"] = exc.message
     checks["keys"] = "ok" if runtime.identity.keys.signing and runtime.identity.keys.audit else "missing"
-    checks["audit"] = "ok" if runtime.audit.writer.healthy else "audit writer failing"
+    checks["audit"] = await asyncio.to_thread(runtime.audit.writer.status)
     try:
         runtime.identity.revocations.is_revoked("", "")
         checks["revocations"] = "ok"

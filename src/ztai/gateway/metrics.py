@@ -1,4 +1,8 @@
-"""Prometheus metrics: requests, decisions by effect, and latency per pipeline stage."""
+"""Prometheus metrics: requests, decisions by effect, and latency per pipeline stage.
+
+The audit log's own (checkpoint failures, coverage, witness exports) are in `ztai.audit.metrics`, which
+knows no HTTP; they are in the same registry and exposed here too.
+"""
 
 from __future__ import annotations
 

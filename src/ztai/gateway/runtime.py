@@ -20,6 +20,7 @@ from ztai.agents.session import MemorySessionStore, RedisSessionStore, SessionSt
 from ztai.agents.sql_sessions import SqlSessionStore
 from ztai.audit import AuditLog, AuditWriter
 from ztai.audit.ocsf import OcsfFileExporter
+from ztai.audit.witness import WitnessExporter, build_witnesses
 from ztai.config import Settings
 from ztai.detect.base import Detector
 from ztai.detect.canary import CanaryDetector
@@ -121,11 +122,16 @@ def _redis_client(settings: Settings) -> aioredis.Redis | None:
 def _audit(settings: Settings, database: Database, keys: KeyStore) -> Audit:
     log = AuditLog(database, keys.audit.private_key)
     exporter = OcsfFileExporter(settings.path(settings.audit.ocsf_file)) if settings.audit.ocsf_file else None
+    witness = settings.audit.witness
     writer = AuditWriter(
         log,
         batch_max=settings.audit.batch_max_events,
         checkpoint_interval=settings.audit.checkpoint_interval_seconds,
+        max_uncovered_seconds=settings.audit.uncovered_bound,
         exporter=exporter,
+        witnesses=WitnessExporter(build_witnesses(witness, settings.path), max_pending=witness.max_pending),
+        checkpoints_to_ocsf=witness.ocsf,
+        tenant=settings.trust_domain,
     )
     finding_key = hashlib.sha256(b"ztai finding hash\0" + keys.audit_secret()).digest()
     return Audit(log=log, writer=writer, finding_key=finding_key)
