@@ -141,6 +141,9 @@ class IdentitySettings(_Section):
 class PolicySettings(_Section):
     dir: str = "policies"
     entities_file: str = ""  # optional static Cedar entities (JSON), parsed once
+    # How often each worker looks for a `ztai policy reload` request in the store (with Redis configured
+    # it is also told at once).
+    reload_poll_seconds: float = Field(1.0, gt=0, le=300)
 
 
 class AuditSettings(_Section):

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import orjson
@@ -23,7 +24,8 @@ from ztai.cli import (
     vault_commands,
 )
 from ztai.cli.common import ConfigOption, fail, open_database_for, settings_for
-from ztai.config import DEFAULT_CONFIG_PATH, with_upstreams
+from ztai.cli.pidfile import PidFile, ServerRunning
+from ztai.config import DEFAULT_CONFIG_PATH, Settings, with_upstreams
 from ztai.errors import ZtaiError
 from ztai.identity import KeyStore
 from ztai.policy.engine import DEFAULTS_DIR
@@ -166,11 +168,6 @@ def serve(
 
     Example: ztai serve --port 8787 --upstream mock=http://127.0.0.1:9100/v1
     """
-    import uvicorn
-
-    from ztai.gateway import connection
-    from ztai.gateway.app import CONFIG_ENV, UPSTREAMS_ENV, create_app
-
     extra = _parse_upstreams(upstream or [])
     settings = with_upstreams(settings_for(config), extra)
     bind_host = host or settings.server.host
@@ -179,9 +176,31 @@ def serve(
     problem = settings.shared_state_problem(worker_count)
     if problem:
         fail(problem)  # exit code 2, before anything starts
+    try:  # before anything else: a second server must not touch the running one's files
+        pid_file = PidFile.acquire(settings.data_path, host=bind_host, port=bind_port, workers=worker_count)
+    except ServerRunning as exc:
+        fail(exc.message)
+    try:
+        _serve(settings, config, extra, bind_host, bind_port, worker_count)
+    finally:
+        pid_file.release()
+
+
+def _serve(
+    settings: Settings,
+    config: Path,
+    extra: dict[str, dict[str, object]],
+    bind_host: str,
+    bind_port: int,
+    worker_count: int,
+) -> None:
+    import uvicorn
+
+    from ztai.cli.supervisor import run_workers
+    from ztai.gateway import connection
+    from ztai.gateway.app import CONFIG_ENV, UPSTREAMS_ENV, create_app
+
     open_database_for(settings).close()  # migrate once, before any worker starts
-    pid_file = settings.data_path / "ztai.pid"
-    pid_file.write_text(str(os.getpid()))
     common = {
         "host": bind_host,
         "port": bind_port,
@@ -195,20 +214,24 @@ def serve(
         f"ztai serving on http://{bind_host}:{bind_port}/v1 ({worker_count} worker(s)); "
         f"policies {settings.policy_path}"
     )
-    try:
-        if worker_count == 1:
-            uvicorn.run(create_app(settings), **common)
-        else:
-            os.environ[CONFIG_ENV] = str(config.resolve())
-            os.environ[UPSTREAMS_ENV] = orjson.dumps(extra).decode()
-            os.environ["ZTAI_SERVER__WORKERS"] = str(worker_count)  # each worker sees it must share state
-            metrics_dir = settings.data_path / "prometheus"
-            shutil.rmtree(metrics_dir, ignore_errors=True)
-            metrics_dir.mkdir(parents=True)
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-            uvicorn.run("ztai.gateway.app:app_from_environment", factory=True, workers=worker_count, **common)
-    finally:
-        pid_file.unlink(missing_ok=True)
+    if worker_count == 1:
+        uvicorn.run(create_app(settings), **common)
+        return
+    os.environ[CONFIG_ENV] = str(config.resolve())
+    os.environ[UPSTREAMS_ENV] = orjson.dumps(extra).decode()
+    os.environ["ZTAI_SERVER__WORKERS"] = str(worker_count)  # each worker sees it must share state
+    metrics_dir = settings.data_path / "prometheus"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    # SIGHUP to the supervisor reloads the policies in every worker (uvicorn's own handling would restart
+    # them): validated and recorded here, applied by each worker in place.
+    run_workers(
+        "ztai.gateway.app:app_from_environment",
+        worker_count,
+        common,
+        on_hup=lambda: policy_commands.request_reload_quietly(settings, "SIGHUP"),
+    )
 
 
 def _parse_upstreams(values: list[str]) -> dict[str, dict[str, object]]:

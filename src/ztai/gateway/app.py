@@ -42,6 +42,9 @@ CONFIG_ENV = "ZTAI_CONFIG"
 UPSTREAMS_ENV = "ZTAI_SERVE_UPSTREAMS"  # JSON of `--upstream` additions, handed to worker processes
 
 
+_INFORMATIONAL = ("policy", "policy_reload")  # readyz entries that do not decide readiness
+
+
 async def healthz(_request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -70,7 +73,10 @@ async def readyz(request: Request) -> Response:
     except StoreError as exc:
         checks["revocations"] = exc.message
     checks["policy"] = runtime.policy.revision
-    ready = all(value == "ok" for key, value in checks.items() if key != "policy")
+    watch = runtime.policy_watch
+    if watch is not None:  # a refused reload leaves the previous set active: a warning, still ready
+        checks["policy_reload"] = f"refused: {watch.last_problem}" if watch.last_problem else "ok"
+    ready = all(value == "ok" for key, value in checks.items() if key not in _INFORMATIONAL)
     return JSONResponse(
         {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503
     )

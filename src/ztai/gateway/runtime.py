@@ -8,7 +8,7 @@ import gc
 import hashlib
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -26,13 +26,15 @@ from ztai.detect.inspector import Inspector, load_detector
 from ztai.detect.vault import Scope, SessionVault, VaultKeys, session_name
 from ztai.detect.vault_store import SqlVaultStore
 from ztai.errors import PolicyError, ZtaiError
-from ztai.gateway import scanning
+from ztai.gateway import metrics, scanning
+from ztai.gateway.policy_watch import PolicyWatcher
 from ztai.gateway.upstream import Upstreams
 from ztai.identity import KeyStore, RevocationList, TokenVerifier
 from ztai.identity.revocation import RevocationFeed
 from ztai.identity.task_tokens import task_claims
 from ztai.identity.tokens import Principal
 from ztai.policy import PolicyEngine, model_entities
+from ztai.policy.reloads import PolicyReloads
 from ztai.store import Database, open_database
 from ztai.store.shared import async_client
 
@@ -140,6 +142,8 @@ class Runtime:
     _session_purger: asyncio.Task[None] | None = None
     _revocation_feed: RevocationFeed | None = None  # Redis pub/sub of revocations, when configured
     redis: aioredis.Redis | None = None  # the shared client of `store.redis_url` (sessions, readiness)
+    policy_watch: PolicyWatcher | None = None  # applies `ztai policy reload` requests to `policy`
+    _signal_tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
@@ -153,6 +157,8 @@ class Runtime:
         revocations = RevocationList(database, refresh_seconds=settings.identity.revocation_refresh_seconds)
         revocations.refresh()
         upstreams = Upstreams(settings.upstreams)
+        reloads = PolicyReloads(database)
+        handled = reloads.latest()  # read before the directory: a request made meanwhile is applied
         policy = PolicyEngine(
             settings.policy_path,
             model_entities((model, upstream.name) for model, upstream in upstreams.by_model.items()),
@@ -192,6 +198,16 @@ class Runtime:
             canaries=canaries,
         )
         guard.inspector.warm()  # the tool-output detectors too: nothing loads on the first request
+        watcher = PolicyWatcher(
+            policy,
+            reloads,
+            audit,
+            tenant=settings.trust_domain,
+            principal=settings.issuer,
+            poll_seconds=settings.policy.reload_poll_seconds,
+            redis_url=settings.store.redis_url,
+            seen=handled.id if handled is not None else 0,
+        )
         return cls(
             settings,
             database,
@@ -210,6 +226,7 @@ class Runtime:
             vault_keys,
             vault_store,
             redis=redis,
+            policy_watch=watcher,
         )
 
     async def start(self) -> None:
@@ -228,8 +245,12 @@ class Runtime:
         if self.settings.store.redis_url:
             self._revocation_feed = RevocationFeed(self.revocations, self.settings.store.redis_url)
             self._revocation_feed.start()
+        if self.policy_watch is not None:
+            self.policy_watch.start()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_policies)
+            # SIGHUP reloads the policies in place (a single-process server; with several workers the
+            # supervisor handles it): validated, recorded as a request, applied without a restart.
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         # Models, rules and policies loaded at start live as long as the process: out of the collector's
         # reach, a full collection no longer walks them (a pause of every request on the loop).
         gc.collect()
@@ -241,6 +262,8 @@ class Runtime:
                 task.cancel()
         if self._revocation_feed is not None:
             await self._revocation_feed.close()
+        if self.policy_watch is not None:
+            await self.policy_watch.close()
         await self.upstreams.close()
         if self.agents is not None:
             await self.agents.sessions.close()
@@ -250,12 +273,22 @@ class Runtime:
         await asyncio.to_thread(self.audit.stop)
         self.database.close()
 
+    def _reload_on_signal(self) -> None:
+        if self.policy_watch is not None:
+            task = asyncio.ensure_future(self.policy_watch.request_local("SIGHUP"))
+            self._signal_tasks.add(task)
+            task.add_done_callback(self._signal_tasks.discard)
+
     def reload_policies(self) -> None:
+        """Reload this process's policies at once (in-process callers and tests; a running server
+        reloads through `ztai policy reload` or SIGHUP, which every worker applies)."""
+        previous = self.policy.revision
         try:
             bundle = self.policy.reload()
         except PolicyError as exc:
             log.error("policy reload rejected, previous policies stay active: %s", exc.message)
             return
+        metrics.set_policy_revision(bundle.revision, previous)
         log.info("policies reloaded: revision %s (%d files)", bundle.revision, len(bundle.files))
 
     def vault_for(self, principal: Principal, session_header: str | None) -> SessionVault:
