@@ -34,6 +34,8 @@ from ztai.identity import Principal
 from ztai.policy import Decision, principal_request
 from ztai.policy.context import principal_context
 
+PRINCIPAL_SCOPE_KEY = "ztai.principal"  # the ASGI scope entry naming the authenticated principal
+
 
 @dataclass
 class Call:
@@ -109,7 +111,18 @@ def bearer_token(request: Request) -> str:
 
 
 async def authenticate(runtime: Runtime, request: Request) -> Principal:
-    return await runtime.verifier.verify_async(bearer_token(request))
+    """The verified principal of the bearer token; a failure is audited (rate-limited) and raised (401)."""
+    token: str | None = None
+    try:
+        token = bearer_token(request)
+        principal = await runtime.verifier.verify_async(token)
+    except AuthenticationError as exc:
+        route = getattr(request.scope.get("route"), "path", None) or request.url.path
+        ip = request.client.host if request.client else ""
+        runtime.auth_failures.failed(exc, route=route, ip=ip, token=token)
+        raise
+    request.scope[PRINCIPAL_SCOPE_KEY] = principal.spiffe_id  # for the access log
+    return principal
 
 
 # Stage 3: collect context --------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from ztai.detect.vault import Scope, SessionVault, VaultKeys, session_name
 from ztai.detect.vault_store import SqlVaultStore
 from ztai.errors import PolicyError, ZtaiError
 from ztai.gateway import metrics, scanning
+from ztai.gateway.auth_failures import AuthFailureRecorder
 from ztai.gateway.policy_watch import PolicyWatcher
 from ztai.gateway.upstream import Upstreams
 from ztai.identity import KeyStore, RevocationList, TokenVerifier
@@ -133,6 +134,7 @@ class Runtime:
     inspectors: dict[str, RouteInspectors]  # by action
     finding_key: bytes  # keys the hashes of finding values in audit records
     canaries: CanaryDetector | None  # shared by the requests' system prompts and the scans
+    auth_failures: AuthFailureRecorder  # failed authentications, audited (rate-limited)
     agents: AgentGuard | None = None  # tool-call decisions and session taint (ztai.agents)
     approvals: ApprovalStore | None = None
     vault_keys: VaultKeys | None = None  # session tokenization vaults (None: per-request vaults only)
@@ -144,6 +146,7 @@ class Runtime:
     redis: aioredis.Redis | None = None  # the shared client of `store.redis_url` (sessions, readiness)
     policy_watch: PolicyWatcher | None = None  # applies `ztai policy reload` requests to `policy`
     _signal_tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _auth_flusher: asyncio.Task[None] | None = None
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
@@ -221,6 +224,13 @@ class Runtime:
             _route_inspectors(settings, canaries),
             finding_key,
             canaries,
+            AuthFailureRecorder(
+                audit,
+                tenant=settings.trust_domain,
+                fingerprint_key=finding_key,
+                per_window=settings.audit.auth_failures_per_window,
+                window_seconds=settings.audit.auth_failure_window_seconds,
+            ),
             guard,
             approvals,
             vault_keys,
@@ -247,6 +257,7 @@ class Runtime:
             self._revocation_feed.start()
         if self.policy_watch is not None:
             self.policy_watch.start()
+        self._auth_flusher = asyncio.create_task(self._flush_auth_failures())
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             # SIGHUP reloads the policies in place (a single-process server; with several workers the
             # supervisor handles it): validated, recorded as a request, applied without a restart.
@@ -257,9 +268,10 @@ class Runtime:
         gc.freeze()
 
     async def close(self) -> None:
-        for task in (self._refresher, self._vault_purger, self._session_purger):
+        for task in (self._refresher, self._vault_purger, self._session_purger, self._auth_flusher):
             if task is not None:
                 task.cancel()
+        await self.auth_failures.close()  # the summaries of open windows, before the writer stops
         if self._revocation_feed is not None:
             await self._revocation_feed.close()
         if self.policy_watch is not None:
@@ -322,6 +334,11 @@ class Runtime:
                 await asyncio.to_thread(store.purge)
             except ZtaiError as exc:
                 log.warning("%s", exc.message)
+
+    async def _flush_auth_failures(self) -> None:
+        while True:
+            await asyncio.sleep(self.auth_failures.window_seconds)
+            self.auth_failures.flush()
 
     async def _refresh_revocations(self) -> None:
         interval = self.settings.identity.revocation_refresh_seconds
