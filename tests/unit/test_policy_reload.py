@@ -1,0 +1,144 @@
+"""Policy reloads across workers: requests in the store, each worker swapping atomically or refusing."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ztai.gateway.policy_watch import PolicyWatcher
+from ztai.policy import PolicyEngine, Request, model_entities
+from ztai.policy.context import principal_context
+from ztai.policy.engine import DEFAULTS_DIR
+from ztai.policy.reloads import APPLIED, REFUSED, PolicyReloads, ReloadRequest
+from ztai.store import Database
+
+FORBID_CHAT = '@id("no-chat")\nforbid (principal, action == Action::"chat", resource);\n'
+
+
+class RecordedAudit:
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    async def record(self, event: dict[str, Any]) -> int:
+        self.events.append(event)
+        return len(self.events) - 1
+
+
+def chat(engine: PolicyEngine) -> str:
+    claims = {"models": ["mock"]}
+    context = principal_context(
+        "example.org", "user", claims, "iss", ip="127.0.0.1", route="/chat/completions"
+    )
+    request = Request("User", "spiffe://example.org/user/alice", "chat", "Model", "mock", context)
+    return engine.decide(request).effect
+
+
+@pytest.fixture
+def policy_dir(tmp_path: Path) -> Path:
+    shutil.copytree(DEFAULTS_DIR, tmp_path / "policies", ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path / "policies"
+
+
+def watcher(engine: PolicyEngine, database: Database, audit: RecordedAudit) -> PolicyWatcher:
+    return PolicyWatcher(
+        engine,
+        PolicyReloads(database),
+        audit,  # type: ignore[arg-type]
+        tenant="example.org",
+        principal="spiffe://example.org/service/ztai",
+        poll_seconds=60,
+    )
+
+
+def test_requests_are_recorded_in_order(database: Database) -> None:
+    reloads = PolicyReloads(database)
+    assert reloads.latest() is None
+    first = reloads.request("aaaa", "cli")
+    second = reloads.request("bbbb", "SIGHUP")
+    assert second.id > first.id and reloads.latest() == ReloadRequest(second.id, "bbbb")
+
+
+async def test_a_requested_revision_is_swapped_in_once(policy_dir: Path, database: Database) -> None:
+    engine = PolicyEngine(policy_dir, model_entities([("mock", "mock")]))
+    audit = RecordedAudit()
+    watch = watcher(engine, database, audit)
+    old = engine.revision
+    assert chat(engine) == "allow"
+    (policy_dir / "zz.cedar").write_text(FORBID_CHAT)
+    new = engine.load().revision  # what the CLI validated
+    request = PolicyReloads(database).request(new, "cli")
+    assert await watch.check() is True
+    assert engine.revision == new and chat(engine) == "deny"
+    [event] = audit.events
+    assert event["kind"] == APPLIED and event["reload"] == {
+        "id": request.id, "revision": new, "previous": old, "worker": event["reload"]["worker"]
+    }  # fmt: skip
+    assert await watch.check() is False  # handled already: nothing loads again
+    assert len(audit.events) == 1
+
+
+async def test_an_invalid_set_is_refused_and_the_old_one_stays(policy_dir: Path, database: Database) -> None:
+    engine = PolicyEngine(policy_dir, model_entities([("mock", "mock")]))
+    audit = RecordedAudit()
+    watch = watcher(engine, database, audit)
+    active = engine.bundle
+    (policy_dir / "zz.cedar").write_text('permit (principal, action == Action::"nope", resource);')
+    PolicyReloads(database).request("0123456789abcdef", "cli")
+    assert await watch.check() is True
+    assert engine.bundle is active and chat(engine) == "allow"
+    [event] = audit.events
+    assert event["kind"] == REFUSED and event["effect"] == "deny" and "nope" in event["reasons"][0]
+    assert watch.last_problem == event["reasons"][0]
+
+
+async def test_a_directory_changed_since_validation_is_refused(policy_dir: Path, database: Database) -> None:
+    engine = PolicyEngine(policy_dir, model_entities([("mock", "mock")]))
+    audit = RecordedAudit()
+    watch = watcher(engine, database, audit)
+    (policy_dir / "zz.cedar").write_text(FORBID_CHAT)
+    validated = engine.load().revision
+    (policy_dir / "zz.cedar").write_text(FORBID_CHAT + "// edited after validation\n")
+    PolicyReloads(database).request(validated, "cli")
+    await watch.check()
+    assert chat(engine) == "allow"  # still the old set: the new one is not what was validated
+    assert audit.events[0]["kind"] == REFUSED and "not the requested" in audit.events[0]["reasons"][0]
+
+
+async def test_requests_older_than_the_workers_start_are_not_replayed(
+    policy_dir: Path, database: Database
+) -> None:
+    PolicyReloads(database).request("0123456789abcdef", "cli")
+    engine = PolicyEngine(policy_dir, model_entities([("mock", "mock")]))
+    audit = RecordedAudit()
+    latest = PolicyReloads(database).latest()
+    assert latest is not None
+    watch = PolicyWatcher(
+        engine,
+        PolicyReloads(database),
+        audit,  # type: ignore[arg-type]
+        tenant="example.org",
+        principal="spiffe://example.org/service/ztai",
+        poll_seconds=60,
+        seen=latest.id,
+    )
+    assert await watch.check() is False and audit.events == []
+
+
+async def test_sighup_validates_records_and_applies_in_this_process(
+    policy_dir: Path, database: Database
+) -> None:
+    engine = PolicyEngine(policy_dir, model_entities([("mock", "mock")]))
+    audit = RecordedAudit()
+    watch = watcher(engine, database, audit)
+    (policy_dir / "zz.cedar").write_text('permit (principal, action == Action::"nope", resource);')
+    await watch.request_local("SIGHUP")
+    assert PolicyReloads(database).latest() is None  # invalid: nothing requested
+    assert audit.events[-1]["kind"] == REFUSED
+    (policy_dir / "zz.cedar").write_text(FORBID_CHAT)
+    await watch.request_local("SIGHUP")
+    latest = PolicyReloads(database).latest()
+    assert latest is not None and latest.revision == engine.load().revision
+    assert await watch.check() is True and chat(engine) == "deny"
