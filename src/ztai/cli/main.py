@@ -67,6 +67,7 @@ server:
   # body_timeout_seconds: 60
   # keep_alive_timeout_seconds: 5
   # max_connections: 4096
+  access_log: false        # true: one JSON line per request on stderr; or a file, e.g. .ztai/access.jsonl
 
 store:
   url: ""                  # empty: SQLite in data_dir; or postgresql+psycopg://user@host/db
@@ -91,11 +92,14 @@ identity:
 
 policy:
   dir: policies            # *.cedar files, validated at start and on reload
+  # reload_poll_seconds: 1 # how soon each worker sees `ztai policy reload` (at once with Redis)
 
 audit:
   checkpoint_interval_seconds: 2
   ocsf_file: ""            # e.g. .ztai/audit.ocsf.jsonl for a SIEM
   commit_before_forward: false  # true: commit the audit event before the upstream sees the request
+  # auth_failures_per_window: 10     # failed authentications audited per client and reason per window
+  # auth_failure_window_seconds: 60  # (per worker); the rest are counted in one summary event
 
 detect:                    # content detectors per route; policies/content.cedar decides what findings mean
   # max_input_chars: all the texts of one request together; more is refused (413) rather than scanned
