@@ -166,6 +166,22 @@ def test_sighup_to_the_supervisor_reloads_in_place(workers: Gateway) -> None:
     assert worker_pids(workers) == before and workers.server.poll() is None
 
 
+def test_sighup_reloads_a_single_process_server_in_place(fresh_gateway: Gateway) -> None:
+    gateway = fresh_gateway
+    assert gateway.server is not None
+    token = gateway.token("alice", "models=mock")
+    assert chat_statuses(gateway, token, 1) == [200]
+    (gateway.home / "policies" / "zz_block.cedar").write_text(FORBID_CHAT)
+    os.kill(gateway.server.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and chat_statuses(gateway, token, 1) != [403]:
+        time.sleep(0.2)
+    assert chat_statuses(gateway, token, 2) == [403, 403]
+    assert gateway.server.poll() is None  # the same process, still serving
+    [event] = audit_events(gateway, "policy.reloaded")
+    assert event["reload"]["worker"].endswith(f":{gateway.server.pid}")
+
+
 # The pid file -------------------------------------------------------------------------------------------
 def test_a_second_server_refuses_to_start_and_leaves_the_pid_file_alone(workers: Gateway) -> None:
     pid_file = workers.home / ".ztai" / "ztai.pid"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from pathlib import Path
 from typing import Annotated
@@ -143,7 +144,9 @@ def request_reload_quietly(settings: Settings, requested_by: str) -> None:
 
 
 def _await_workers(settings: Settings, request: ReloadRequest, after: int, workers: int, wait: float) -> None:
-    """Wait until `workers` workers reported on `request`; exit non-zero on a refusal or a timeout."""
+    """Wait until the local server's `workers` workers applied `request` (replicas on other hosts report
+    too: a refusal anywhere exits non-zero, as does a timeout)."""
+    host = socket.gethostname()
     database = open_database_for(settings)
     deadline = time.monotonic() + wait
     try:
@@ -153,11 +156,12 @@ def _await_workers(settings: Settings, request: ReloadRequest, after: int, worke
             if refused:
                 worker = refused[0]["reload"]["worker"]
                 fail(f"worker {worker} refused the reload: {'; '.join(refused[0]['reasons'])}", code=1)
-            if len(outcomes) >= workers:
-                err.print(f"[green]applied[/green] by {len(outcomes)} of {workers} worker(s), no restart")
+            here = [event for event in outcomes if event["reload"]["worker"].startswith(f"{host}:")]
+            if len(here) >= workers:
+                err.print(f"[green]applied[/green] by {len(here)} of {workers} worker(s), no restart")
                 return
             if time.monotonic() > deadline:
-                fail(f"only {len(outcomes)} of {workers} worker(s) confirmed within {wait:g}s", code=1)
+                fail(f"only {len(here)} of {workers} worker(s) confirmed within {wait:g}s", code=1)
             time.sleep(0.1)
     except ZtaiError as exc:
         fail(exc.message)

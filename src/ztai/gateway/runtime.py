@@ -7,6 +7,7 @@ import contextlib
 import gc
 import hashlib
 import logging
+import multiprocessing
 import signal
 from dataclasses import dataclass, field
 
@@ -259,9 +260,14 @@ class Runtime:
             self.policy_watch.start()
         self._auth_flusher = asyncio.create_task(self._flush_auth_failures())
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            # SIGHUP reloads the policies in place (a single-process server; with several workers the
-            # supervisor handles it): validated, recorded as a request, applied without a restart.
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload_on_signal)
+            if multiprocessing.parent_process() is not None:
+                # A worker under ztai's supervisor: SIGHUP is the supervisor's (a hangup of the process
+                # group must not make every worker request a reload of its own, nor end it).
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            else:
+                # A single-process server: SIGHUP reloads the policies in place (validated, recorded as
+                # a request, applied without a restart).
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         # Models, rules and policies loaded at start live as long as the process: out of the collector's
         # reach, a full collection no longer walks them (a pause of every request on the loop).
         gc.collect()
