@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.conftest import redis_url_or_skip
 from ztai.gateway.policy_watch import PolicyWatcher
 from ztai.policy import PolicyEngine, Request, model_entities
 from ztai.policy.context import principal_context
 from ztai.policy.engine import DEFAULTS_DIR
-from ztai.policy.reloads import APPLIED, REFUSED, PolicyReloads, ReloadRequest
+from ztai.policy.reloads import APPLIED, POLICY_CHANNEL, REFUSED, PolicyReloads, ReloadRequest
 from ztai.store import Database
+from ztai.store.shared import publish_once
 
 FORBID_CHAT = '@id("no-chat")\nforbid (principal, action == Action::"chat", resource);\n'
 
@@ -142,3 +145,34 @@ async def test_sighup_validates_records_and_applies_in_this_process(
     latest = PolicyReloads(database).latest()
     assert latest is not None and latest.revision == engine.load().revision
     assert await watch.check() is True and chat(engine) == "deny"
+
+
+async def test_a_redis_notice_wakes_the_worker_before_its_next_poll(
+    policy_dir: Path, database: Database
+) -> None:
+    url = redis_url_or_skip()
+    engine = PolicyEngine(policy_dir, model_entities([("mock", "mock")]))
+    audit = RecordedAudit()
+    watch = PolicyWatcher(
+        engine,
+        PolicyReloads(database),
+        audit,  # type: ignore[arg-type]
+        tenant="example.org",
+        principal="spiffe://example.org/service/ztai",
+        poll_seconds=3600,  # only the notice can make it look
+        redis_url=url,
+    )
+    watch.start()
+    try:
+        assert watch._channel is not None
+        await asyncio.wait_for(watch._channel.subscribed.wait(), 10)
+        (policy_dir / "zz.cedar").write_text(FORBID_CHAT)
+        PolicyReloads(database).request(engine.load().revision, "cli")
+        assert publish_once(url, POLICY_CHANNEL, b'{"v": 1, "id": 1}')
+        for _ in range(200):
+            if audit.events:
+                break
+            await asyncio.sleep(0.05)
+        assert [e["kind"] for e in audit.events] == [APPLIED] and chat(engine) == "deny"
+    finally:
+        await watch.close()
