@@ -20,7 +20,7 @@ import orjson
 import pytest
 from sqlalchemy import select
 
-from tests.e2e.conftest import ZTAI, Gateway, free_port, start_gateway
+from tests.e2e.conftest import ZTAI, Gateway, exchange_form, free_port, start_gateway
 from ztai.config import load_settings
 from ztai.store import AuditEvent, open_database
 
@@ -283,6 +283,22 @@ def test_a_flood_of_failures_is_rate_limited_and_the_rest_counted(workers: Gatew
     assert suppressed > 0 and written < sent
     metrics = httpx.get(f"{workers.root_url}/metrics").text
     assert 'ztai_auth_failures_total{reason="bad_algorithm"}' in metrics
+
+
+def test_failed_token_exchanges_are_audited_too(workers: Gateway) -> None:
+    actor = workers.token("assistant", kind="agent")
+    expired = workers.token("frank", ttl=1)
+    time.sleep(2.1)
+    response = httpx.post(f"{workers.root_url}/oauth/token", data=exchange_form(expired, actor), timeout=10)
+    assert (
+        response.status_code == 400 and "subject_token: token expired" in response.json()["error_description"]
+    )
+    events = _eventually(
+        lambda: audit_events(workers, "auth.failed"),
+        lambda found: any(e["request"]["route"] == "/oauth/token" for e in found),
+    )
+    [event] = [e for e in events if e["request"]["route"] == "/oauth/token"]
+    assert event["reasons"] == ["token_expired"] and expired.encode() not in orjson.dumps(event)
 
 
 def _reasons(events: list[dict[str, Any]]) -> set[str]:

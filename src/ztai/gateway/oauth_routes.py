@@ -18,7 +18,14 @@ from starlette.routing import Route
 from ztai.audit.events import identity_event, new_event_id
 from ztai.errors import PayloadTooLarge, ZtaiError
 from ztai.gateway import metrics
-from ztai.gateway.pipeline import Call, collect_context, decide, read_body, start_recording
+from ztai.gateway.pipeline import (
+    Call,
+    collect_context,
+    decide,
+    failed_authentication,
+    read_body,
+    start_recording,
+)
 from ztai.gateway.responses import JSONResponse
 from ztai.gateway.runtime import Runtime
 from ztai.identity.exchange import ExchangeError, ExchangePlan, ExchangeRequest, TokenExchange, Verdict
@@ -54,7 +61,7 @@ async def _exchange(runtime: Runtime, request: Request) -> Response:
     body = await read_body(request, settings.server.max_body_bytes)
     exchange_request = ExchangeRequest.from_form(body, max_token_bytes=settings.identity.max_token_bytes)
     exchange = TokenExchange(settings, runtime.keys, runtime.verifier)
-    parties = await exchange.parties_async(exchange_request)
+    parties = await exchange.parties_async(exchange_request, failed_authentication(runtime, request))
     call = Call(request.url.path, "token.exchange", "Agent", parties.actor.spiffe_id, body=body)
     call.principal = parties.subject
     recording: asyncio.Task[None] | None = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,12 +118,23 @@ async def authenticate(runtime: Runtime, request: Request) -> Principal:
         token = bearer_token(request)
         principal = await runtime.verifier.verify_async(token)
     except AuthenticationError as exc:
-        route = getattr(request.scope.get("route"), "path", None) or request.url.path
-        ip = request.client.host if request.client else ""
-        runtime.auth_failures.failed(exc, route=route, ip=ip, token=token)
+        failed_authentication(runtime, request)(exc, token)
         raise
     request.scope[PRINCIPAL_SCOPE_KEY] = principal.spiffe_id  # for the access log
     return principal
+
+
+def failed_authentication(
+    runtime: Runtime, request: Request
+) -> Callable[[AuthenticationError, str | None], None]:
+    """What a route calls when a token presented in `request` fails verification: audit it."""
+    route = getattr(request.scope.get("route"), "path", None) or request.url.path
+    ip = request.client.host if request.client else ""
+
+    def record(error: AuthenticationError, token: str | None) -> None:
+        runtime.auth_failures.failed(error, route=route, ip=ip, token=token)
+
+    return record
 
 
 # Stage 3: collect context --------------------------------------------------------------------------
