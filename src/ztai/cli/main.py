@@ -180,14 +180,18 @@ def serve(
     problem = settings.shared_state_problem(worker_count)
     if problem:
         fail(problem)  # exit code 2, before anything starts
-    try:  # before anything else: a second server must not touch the running one's files
+    pid_file: PidFile | None = None
+    try:  # before anything else: a second server must never touch the running one's pid file
         pid_file = PidFile.acquire(settings.data_path, host=bind_host, port=bind_port, workers=worker_count)
     except ServerRunning as exc:
-        fail(exc.message)
+        # Another replica on this data directory owns it; this one serves too (the store and Redis
+        # are shared, so it applies the same reloads and revocations) but has no pid file of its own.
+        err.print(f"{exc.message}: this server runs without a pid file")
     try:
         _serve(settings, config, extra, bind_host, bind_port, worker_count)
     finally:
-        pid_file.release()
+        if pid_file is not None:
+            pid_file.release()
 
 
 def _serve(

@@ -2,8 +2,9 @@
 
 Ownership is a lock, not the file's existence: the server holds an exclusive `flock` on
 `ztai.pid.lock` for its whole life (the kernel drops it when the process ends, however it ends). A
-second `ztai serve` that cannot take the lock refuses to start and touches nothing, so it can never
-delete the running server's pid file. The pid file itself (written atomically, under the lock) records
+second `ztai serve` on the same data directory cannot take the lock and never touches the file (it
+runs without one, as another replica, or fails to bind the same port), so it can never delete the
+running server's pid file. The pid file itself (written atomically, under the lock) records
 the pid, the process's start time as the kernel reports it, a random token and where it listens.
 
 A reader (`ztai policy reload`) trusts the file only when the lock is held *and* the process with that
