@@ -10,11 +10,14 @@ from typing import Any
 import pytest
 
 from tests.conftest import redis_url_or_skip
+from ztai.audit import AuditLog
+from ztai.config import Settings
 from ztai.gateway.policy_watch import PolicyWatcher
+from ztai.identity import KeyStore
 from ztai.policy import PolicyEngine, Request, model_entities
 from ztai.policy.context import principal_context
 from ztai.policy.engine import DEFAULTS_DIR
-from ztai.policy.reloads import APPLIED, POLICY_CHANNEL, REFUSED, PolicyReloads, ReloadRequest
+from ztai.policy.reloads import APPLIED, POLICY_CHANNEL, REFUSED, PolicyReloads, ReloadRequest, reload_event
 from ztai.store import Database
 from ztai.store.shared import publish_once
 
@@ -176,3 +179,28 @@ async def test_a_redis_notice_wakes_the_worker_before_its_next_poll(
         assert [e["kind"] for e in audit.events] == [APPLIED] and chat(engine) == "deny"
     finally:
         await watch.close()
+
+
+def test_outcomes_are_found_by_request_after_a_point_of_the_log(
+    database: Database, settings: Settings
+) -> None:
+    keys = KeyStore.load(settings.data_path)
+    log = AuditLog(database, keys.audit.private_key)
+    reloads = PolicyReloads(database)
+    assert reloads.next_audit_seq() == 0
+    request = reloads.request("aaaa", "cli")
+    older = reload_event(APPLIED, tenant="t", principal="p", request=request, revision="aaaa", previous="b")
+    log.append([older])
+    after = reloads.next_audit_seq()
+    assert after == 1
+    other = ReloadRequest(request.id + 1, "cccc")
+    events = [
+        reload_event(APPLIED, tenant="t", principal="p", request=request, revision="aaaa", previous="b"),
+        reload_event(
+            REFUSED, tenant="t", principal="p", request=request, revision="aaaa", previous="b", problem="x"
+        ),
+        reload_event(APPLIED, tenant="t", principal="p", request=other, revision="cccc", previous="b"),
+    ]
+    log.append(events)
+    found = reloads.outcomes(request.id, after)
+    assert [e["id"] for e in found] == [events[0]["id"], events[1]["id"]]

@@ -79,9 +79,11 @@ class PolicyReloads:
         return [event for event in events if event.get("reload", {}).get("id") == request_id]
 
     def next_audit_seq(self) -> int:
+        """The leaf index the next audit event will get (leaves are dense: one past the newest)."""
+        newest = select(func.coalesce(func.max(AuditEvent.seq), -1))
         try:
             with self._database.sessions() as session:
-                return int(session.execute(select(func.count()).select_from(AuditEvent)).scalar_one())
+                return int(session.execute(newest).scalar_one()) + 1
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot read the audit log: {type(exc).__name__}") from exc
 
