@@ -119,9 +119,14 @@ def submit_reload(settings: Settings, requested_by: str) -> tuple[ReloadRequest,
         except PolicyError as exc:
             audit_log = AuditLog(database, load_keys(settings).audit.private_key)
             refused = reload_event(
-                REFUSED, tenant=settings.trust_domain, principal=settings.issuer, request=None,
-                revision="", previous="", problem=f"{requested_by}: {exc.message}",
-            )  # fmt: skip
+                REFUSED,
+                tenant=settings.trust_domain,
+                principal=settings.issuer,
+                request=None,
+                revision="",
+                previous="",
+                problem=f"{requested_by}: {exc.message}",
+            )
             audit_log.append([refused])
             raise
         after = reloads.next_audit_seq()
