@@ -45,6 +45,18 @@ class ServerSettings(_Section):
     body_timeout_seconds: float = Field(60.0, ge=0.1, le=3600)  # the whole body, after the head: 408
     keep_alive_timeout_seconds: int = Field(5, ge=1, le=300)  # an idle keep-alive connection is closed
     max_connections: int = Field(4096, ge=1, le=1_000_000)  # per worker (and the open-file limit); more: 503
+    # One JSON line per request (ztai.gateway.access_log): false (off), true (stderr) or a file path
+    # (relative to this file; several workers append to the same file).
+    access_log: bool | str = False
+
+    @field_validator("access_log", mode="before")
+    @classmethod
+    def _access_log_target(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in ("", "false", "no", "off", "0"):
+            return False
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "stderr", "-"):
+            return True
+        return value
 
 
 class StoreSettings(_Section):
@@ -141,6 +153,9 @@ class IdentitySettings(_Section):
 class PolicySettings(_Section):
     dir: str = "policies"
     entities_file: str = ""  # optional static Cedar entities (JSON), parsed once
+    # How often each worker looks for a `ztai policy reload` request in the store (with Redis configured
+    # it is also told at once).
+    reload_poll_seconds: float = Field(1.0, gt=0, le=300)
 
 
 class WitnessSettings(_Section):
@@ -172,6 +187,11 @@ class AuditSettings(_Section):
     # False: the audit commit runs while the upstream call is in flight, and no byte of the response is
     # sent before it is durable (a failed commit still refuses the request). True: commit, then forward.
     commit_before_forward: bool = False
+    # Failed authentications are audited (`auth.failed`): at most this many per client address and reason
+    # per window (per worker); the rest are counted in one `auth.failures_suppressed` event per window.
+    auth_failures_per_window: int = Field(10, ge=0, le=10_000)
+    auth_failure_window_seconds: float = Field(60.0, gt=0, le=86_400)
+
     witness: WitnessSettings = WitnessSettings()
 
     @model_validator(mode="after")

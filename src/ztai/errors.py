@@ -7,6 +7,9 @@ Libraries raise them without knowing about HTTP; the gateway maps them to respon
     ZtaiError                        500 server_error      internal_error
     ├── ConfigError                  500                   invalid_config
     ├── PolicyError                  500                   invalid_policy (policies or schema do not load)
+    ├── CheckpointError              500                   checkpoint_failed (stored audit state inconsistent)
+    ├── ServerRunning                500                   (another `ztai serve` holds the pid-file lock)
+    ├── StalePidFile                 500                   (the pid file names no live ztai server)
     ├── ClientDisconnected           499                   client_closed (not a failure: nothing is logged)
     ├── AuthenticationError          401 authentication_error  invalid_token, missing_token, ...
     ├── PermissionDenied             403 permission_error  denied (carries the decision id)
@@ -187,6 +190,25 @@ class UpstreamResponseInvalid(UpstreamError):
     refused rather than passed on unread."""
 
     code = "upstream_response_invalid"
+
+
+class ServerRunning(ZtaiError):
+    """Another `ztai serve` holds the data directory's pid-file lock."""
+
+
+class StalePidFile(ZtaiError):
+    """The pid file names no live ztai server (its process is gone, or the pid was reused)."""
+
+
+class CheckpointError(ZtaiError):
+    """An audit checkpoint cannot be written because the stored state is inconsistent (`reason` names
+    how: a tampered frontier, a broken chain); the log reports it and stays not ready until mended."""
+
+    code = "checkpoint_failed"
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class Unavailable(ZtaiError):

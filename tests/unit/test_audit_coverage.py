@@ -17,8 +17,9 @@ from sqlalchemy import delete, select, update
 
 from tests.unit.test_audit_log import _tamper, event
 from ztai.audit import AuditLog, AuditWriter
-from ztai.audit.log import CheckpointError, canonical
+from ztai.audit.log import canonical
 from ztai.config import AuditSettings
+from ztai.errors import CheckpointError
 from ztai.store import AuditCheckpoint, AuditEvent, Database
 
 

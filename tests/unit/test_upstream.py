@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
+from tests.loopback import serving
 from ztai.config import UpstreamSettings
 from ztai.errors import ConfigError, NotFound, UpstreamError, UpstreamTimeout
 from ztai.gateway.upstream import Upstreams, relay
@@ -107,3 +108,40 @@ async def test_streams_are_relayed_chunk_by_chunk(provider: str) -> None:
         await upstreams.close()
     assert b"".join(chunks) == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
     assert len(chunks) >= 2  # not buffered into one
+
+
+async def rate_limited(_request: web.Request) -> web.Response:
+    headers = {
+        "retry-after": "3",
+        "retry-after-ms": "3000",
+        "x-ratelimit-remaining-requests": "0",
+        "X-RateLimit-Reset-Tokens": "1s",
+        "anthropic-ratelimit-requests-remaining": "0",
+        "x-ratelimit-huge": "x" * 1000,  # over the length bound: dropped
+        "x-internal-secret": "do-not-forward",
+        "set-cookie": "session=1",
+    }
+    headers.update({f"x-ratelimit-extra-{index}": "1" for index in range(40)})
+    return web.json_response({"error": {"message": "slow down"}}, status=429, headers=headers)
+
+
+async def test_only_rate_limit_headers_are_passed_back_bounded() -> None:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", rate_limited)
+    async with serving(app) as base_url:
+        upstreams = Upstreams({"p": UpstreamSettings(base_url=f"{base_url}/v1", models=["m"])})
+        try:
+            result = await upstreams.post(upstreams.for_model("m"), "/chat/completions", b"{}")
+        finally:
+            await upstreams.close()
+    assert result.status == 429
+    headers = result.headers
+    assert headers["retry-after"] == "3" and headers["retry-after-ms"] == "3000"
+    assert headers["x-ratelimit-remaining-requests"] == "0" and headers["x-ratelimit-reset-tokens"] == "1s"
+    assert headers["anthropic-ratelimit-requests-remaining"] == "0"
+    assert (
+        "x-internal-secret" not in headers
+        and "set-cookie" not in headers
+        and "x-ratelimit-huge" not in headers
+    )
+    assert sum(1 for name in headers if "ratelimit" in name) == 32  # a bounded number of them

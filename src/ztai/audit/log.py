@@ -25,6 +25,7 @@ from sqlalchemy import String, func, select, text, type_coerce, update
 from sqlalchemy.orm import Session
 
 from ztai.audit import merkle
+from ztai.errors import CheckpointError
 from ztai.identity.keys import key_id
 from ztai.store import AuditCheckpoint, AuditEvent, Database, aware
 
@@ -39,14 +40,6 @@ _SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"  # how SQLAlchemy stores DateTime in SQLit
 def canonical(event: dict[str, Any]) -> bytes:
     """The exact bytes a leaf commits to: JSON with sorted keys, no whitespace."""
     return orjson.dumps(event, option=orjson.OPT_SORT_KEYS)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written because the stored state is inconsistent (`reason` names how)."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True)

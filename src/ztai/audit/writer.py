@@ -24,10 +24,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ztai.audit import metrics
 from ztai.audit.events import audit_alert_event, now_iso
-from ztai.audit.log import AuditLog, Checkpoint, CheckpointError
+from ztai.audit.log import AuditLog, Checkpoint
 from ztai.audit.ocsf import OcsfFileExporter
 from ztai.audit.witness import WitnessExporter
-from ztai.errors import AuditUnavailable, StoreError
+from ztai.errors import AuditUnavailable, CheckpointError, StoreError
 
 log = logging.getLogger("ztai.audit")
 _STOP = object()

@@ -13,10 +13,10 @@ from rich.console import Console
 from rich.table import Table
 
 from ztai.audit import Checkpoint, merkle
-from ztai.audit.log import CheckpointError
 from ztai.audit.witness import read_witness_file
 from ztai.cli.common import ConfigOption, fail, open_audit_log, settings_for
 from ztai.config import DEFAULT_CONFIG_PATH
+from ztai.errors import CheckpointError
 
 app = typer.Typer(help="Verify the audit log and print proofs.", no_args_is_help=True)
 out = Console()

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import orjson
@@ -23,7 +24,8 @@ from ztai.cli import (
     vault_commands,
 )
 from ztai.cli.common import ConfigOption, fail, open_database_for, settings_for
-from ztai.config import DEFAULT_CONFIG_PATH, with_upstreams
+from ztai.cli.pidfile import PidFile, ServerRunning
+from ztai.config import DEFAULT_CONFIG_PATH, Settings, with_upstreams
 from ztai.errors import ZtaiError
 from ztai.identity import KeyStore
 from ztai.policy.engine import DEFAULTS_DIR
@@ -65,6 +67,7 @@ server:
   # body_timeout_seconds: 60
   # keep_alive_timeout_seconds: 5
   # max_connections: 4096
+  access_log: false        # true: one JSON line per request on stderr; or a file, e.g. .ztai/access.jsonl
 
 store:
   url: ""                  # empty: SQLite in data_dir; or postgresql+psycopg://user@host/db
@@ -89,11 +92,14 @@ identity:
 
 policy:
   dir: policies            # *.cedar files, validated at start and on reload
+  # reload_poll_seconds: 1 # how soon each worker sees `ztai policy reload` (at once with Redis)
 
 audit:
   checkpoint_interval_seconds: 2
   ocsf_file: ""            # e.g. .ztai/audit.ocsf.jsonl for a SIEM
   commit_before_forward: false  # true: commit the audit event before the upstream sees the request
+  # auth_failures_per_window: 10     # failed authentications audited per client and reason per window
+  # auth_failure_window_seconds: 60  # (per worker); the rest are counted in one summary event
   # max_uncovered_seconds: 30  # events older than this with no checkpoint: /readyz 503, verify fails
   witness:                 # each signed checkpoint also goes here (ztai audit verify --witness FILE)
     file: ""               # e.g. /var/log/ztai/checkpoints.jsonl, on storage the database admins cannot edit
@@ -171,11 +177,6 @@ def serve(
 
     Example: ztai serve --port 8787 --upstream mock=http://127.0.0.1:9100/v1
     """
-    import uvicorn
-
-    from ztai.gateway import connection
-    from ztai.gateway.app import CONFIG_ENV, UPSTREAMS_ENV, create_app
-
     extra = _parse_upstreams(upstream or [])
     settings = with_upstreams(settings_for(config), extra)
     bind_host = host or settings.server.host
@@ -184,9 +185,35 @@ def serve(
     problem = settings.shared_state_problem(worker_count)
     if problem:
         fail(problem)  # exit code 2, before anything starts
+    pid_file: PidFile | None = None
+    try:  # before anything else: a second server must never touch the running one's pid file
+        pid_file = PidFile.acquire(settings.data_path, host=bind_host, port=bind_port, workers=worker_count)
+    except ServerRunning as exc:
+        # Another replica on this data directory owns it; this one serves too (the store and Redis
+        # are shared, so it applies the same reloads and revocations) but has no pid file of its own.
+        err.print(f"{exc.message}: this server runs without a pid file")
+    try:
+        _serve(settings, config, extra, bind_host, bind_port, worker_count)
+    finally:
+        if pid_file is not None:
+            pid_file.release()
+
+
+def _serve(
+    settings: Settings,
+    config: Path,
+    extra: dict[str, dict[str, object]],
+    bind_host: str,
+    bind_port: int,
+    worker_count: int,
+) -> None:
+    import uvicorn
+
+    from ztai.cli.supervisor import run_workers
+    from ztai.gateway import connection
+    from ztai.gateway.app import CONFIG_ENV, UPSTREAMS_ENV, create_app
+
     open_database_for(settings).close()  # migrate once, before any worker starts
-    pid_file = settings.data_path / "ztai.pid"
-    pid_file.write_text(str(os.getpid()))
     common = {
         "host": bind_host,
         "port": bind_port,
@@ -200,20 +227,24 @@ def serve(
         f"ztai serving on http://{bind_host}:{bind_port}/v1 ({worker_count} worker(s)); "
         f"policies {settings.policy_path}"
     )
-    try:
-        if worker_count == 1:
-            uvicorn.run(create_app(settings), **common)
-        else:
-            os.environ[CONFIG_ENV] = str(config.resolve())
-            os.environ[UPSTREAMS_ENV] = orjson.dumps(extra).decode()
-            os.environ["ZTAI_SERVER__WORKERS"] = str(worker_count)  # each worker sees it must share state
-            metrics_dir = settings.data_path / "prometheus"
-            shutil.rmtree(metrics_dir, ignore_errors=True)
-            metrics_dir.mkdir(parents=True)
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-            uvicorn.run("ztai.gateway.app:app_from_environment", factory=True, workers=worker_count, **common)
-    finally:
-        pid_file.unlink(missing_ok=True)
+    if worker_count == 1:
+        uvicorn.run(create_app(settings), **common)
+        return
+    os.environ[CONFIG_ENV] = str(config.resolve())
+    os.environ[UPSTREAMS_ENV] = orjson.dumps(extra).decode()
+    os.environ["ZTAI_SERVER__WORKERS"] = str(worker_count)  # each worker sees it must share state
+    metrics_dir = settings.data_path / "prometheus"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    # SIGHUP to the supervisor reloads the policies in every worker (uvicorn's own handling would restart
+    # them): validated and recorded here, applied by each worker in place.
+    run_workers(
+        "ztai.gateway.app:app_from_environment",
+        worker_count,
+        common,
+        on_hup=lambda: policy_commands.request_reload_quietly(settings, "SIGHUP"),
+    )
 
 
 def _parse_upstreams(values: list[str]) -> dict[str, dict[str, object]]:

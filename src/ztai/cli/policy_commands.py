@@ -2,30 +2,36 @@
 
 from __future__ import annotations
 
-import os
-import signal
+import logging
+import socket
+import time
 from pathlib import Path
 from typing import Annotated
 
+import orjson
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from ztai.cli.common import ConfigOption, fail, settings_for
+from ztai.audit import AuditLog
+from ztai.cli.common import ConfigOption, fail, load_keys, open_database_for, settings_for
+from ztai.cli.pidfile import StalePidFile, running_server
 from ztai.config import DEFAULT_CONFIG_PATH, Settings
-from ztai.errors import ZtaiError
+from ztai.errors import PolicyError, ZtaiError
 from ztai.policy import PolicyEngine, model_entities
+from ztai.policy.reloads import POLICY_CHANNEL, REFUSED, PolicyReloads, ReloadRequest, reload_event
 from ztai.policy.testing import run_file
+from ztai.store.shared import publish_once
 
 app = typer.Typer(help="Validate, test and reload Cedar policies.", no_args_is_help=True)
 out = Console()
 err = Console(stderr=True)
+log = logging.getLogger("ztai.cli")
 
 
 def _engine(settings: Settings) -> PolicyEngine:
-    models = [(model, name) for name, upstream in settings.upstreams.items() for model in upstream.models]
     try:
-        return PolicyEngine(settings.policy_path, model_entities(models))
+        return PolicyEngine(settings.policy_path, model_entities(_models(settings)))
     except ZtaiError as exc:
         fail(exc.message)
 
@@ -72,18 +78,101 @@ def test(
 
 
 @app.command("reload")
-def reload(config: ConfigOption = DEFAULT_CONFIG_PATH) -> None:
-    """Validate the policies, then tell the running server to load them (SIGHUP).
+def reload(
+    config: ConfigOption = DEFAULT_CONFIG_PATH,
+    wait: Annotated[
+        float, typer.Option(help="seconds to wait for every worker to confirm (0: do not wait)")
+    ] = 10.0,
+) -> None:
+    """Validate the policies, then have every worker of the running server swap to them in place.
 
-    A policy set that fails validation is not sent; the server keeps its current policies.
+    The revision is recorded in the store; each worker (and each replica sharing the store) loads it,
+    checks it is the validated revision and swaps atomically, without restarting. An invalid set is
+    refused (exit code 2) and the server keeps its current policies.
     Example: ztai policy reload
     """
     settings = settings_for(config)
-    engine = _engine(settings)
-    pid_file = settings.data_path / "ztai.pid"
+    try:  # a pid file is trusted only while its server holds the lock: never act on a stale one
+        server = running_server(settings.data_path)
+    except StalePidFile as exc:
+        fail(exc.message)
+    if server is None:
+        fail(f"no running server found (pid file {settings.data_path / 'ztai.pid'})")
     try:
-        pid = int(pid_file.read_text())
-        os.kill(pid, signal.SIGHUP)
-    except (OSError, ValueError):
-        fail(f"no running server found (pid file {pid_file})")
-    err.print(f"sent reload to server {pid}: revision {engine.revision}")
+        request, after = submit_reload(settings, "cli")
+    except ZtaiError as exc:
+        fail(exc.message)
+    err.print(f"reload {request.id} requested: revision {request.revision} (server {server.pid})")
+    if wait > 0:
+        _await_workers(settings, request, after, server.workers, wait)
+
+
+def submit_reload(settings: Settings, requested_by: str) -> tuple[ReloadRequest, int]:
+    """Validate the policy directory and record a reload request (and tell the workers over Redis when
+    configured). Returns the request and the audit log's size before it. An invalid set raises
+    PolicyError, after its refusal was audited; nothing is requested then."""
+    database = open_database_for(settings)
+    try:
+        reloads = PolicyReloads(database)
+        try:
+            engine = PolicyEngine(settings.policy_path, model_entities(_models(settings)))
+        except PolicyError as exc:
+            audit_log = AuditLog(database, load_keys(settings).audit.private_key)
+            refused = reload_event(
+                REFUSED,
+                tenant=settings.trust_domain,
+                principal=settings.issuer,
+                request=None,
+                revision="",
+                previous="",
+                problem=f"{requested_by}: {exc.message}",
+            )
+            audit_log.append([refused])
+            raise
+        after = reloads.next_audit_seq()
+        request = reloads.request(engine.revision, requested_by)
+    finally:
+        database.close()
+    if settings.store.redis_url:
+        publish_once(settings.store.redis_url, POLICY_CHANNEL, orjson.dumps({"v": 1, "id": request.id}))
+    return request, after
+
+
+def request_reload_quietly(settings: Settings, requested_by: str) -> None:
+    """`submit_reload` for the server's SIGHUP handler: failures are logged, never raised."""
+    try:
+        request, _ = submit_reload(settings, requested_by)
+    except ZtaiError as exc:
+        log.error("policy reload (%s) refused, the active policies stay: %s", requested_by, exc.message)
+        return
+    log.warning("policy reload %d requested (%s): revision %s", request.id, requested_by, request.revision)
+
+
+def _await_workers(settings: Settings, request: ReloadRequest, after: int, workers: int, wait: float) -> None:
+    """Wait until the local server's `workers` workers applied `request` (replicas on other hosts report
+    too: a refusal anywhere exits non-zero, as does a timeout)."""
+    host = socket.gethostname()
+    database = open_database_for(settings)
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            outcomes = PolicyReloads(database).outcomes(request.id, after)
+            refused = [event for event in outcomes if event["kind"] == REFUSED]
+            if refused:
+                worker = refused[0]["reload"]["worker"]
+                fail(f"worker {worker} refused the reload: {'; '.join(refused[0]['reasons'])}", code=1)
+            here = [event for event in outcomes if event["reload"]["worker"].startswith(f"{host}:")]
+            if len(here) >= workers:
+                err.print(f"[green]applied[/green] by {len(here)} of {workers} worker(s), no restart")
+                return
+            if time.monotonic() > deadline:
+                fail(f"only {len(here)} of {workers} worker(s) confirmed within {wait:g}s", code=1)
+            time.sleep(0.1)
+    except ZtaiError as exc:
+        fail(exc.message)
+    finally:
+        database.close()
+
+
+def _models(settings: Settings) -> list[tuple[str, str]]:
+    return [(model, name) for name, upstream in settings.upstreams.items() for model in upstream.models]

@@ -24,7 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ztai.errors import AuthenticationError, MalformedRequest, PermissionDenied
-from ztai.gateway.pipeline import admit, parse_json_object
+from ztai.gateway.pipeline import admit, failed_authentication, parse_json_object
 from ztai.gateway.responses import JSONResponse
 from ztai.gateway.runtime import Runtime
 from ztai.identity.task_tokens import task_claims
@@ -77,7 +77,7 @@ async def observe(request: Request) -> Response:
             principal, server=server, tool=tool, content=content, route=route, source=source
         )
         return JSONResponse(observation.to_json())
-    task_principal = await _subjects_task(runtime, principal, payload.get("task_token"))
+    task_principal = await _subjects_task(runtime, request, principal, payload.get("task_token"))
     if source == "user":
         observation = await runtime.agents.observe_user_request(
             task_principal, content, route=route, by=principal.spiffe_id
@@ -89,7 +89,9 @@ async def observe(request: Request) -> Response:
     return JSONResponse(observation.to_json())
 
 
-async def _subjects_task(runtime: Runtime, principal: Principal, task_token: object) -> Principal:
+async def _subjects_task(
+    runtime: Runtime, request: Request, principal: Principal, task_token: object
+) -> Principal:
     """The task (its verified task token) that `principal`, its subject, posts to; else 403."""
     if not isinstance(task_token, str) or not task_token:
         raise PermissionDenied(
@@ -102,6 +104,12 @@ async def _subjects_task(runtime: Runtime, principal: Principal, task_token: obj
         raise MalformedRequest("'task_token' is larger than identity.max_token_bytes")
     try:
         task_principal = await runtime.identity.verifier.verify_async(task_token)
+    except AuthenticationError as exc:
+        failed_authentication(runtime.identity, request)(exc, task_token)
+        raise PermissionDenied(
+            f"task_token: {exc.message}", decision_id="", code="invalid_task_token"
+        ) from None
+    try:
         task = task_claims(task_principal, runtime.settings.issuer)
     except AuthenticationError as exc:
         raise PermissionDenied(

@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 
 import orjson
 from starlette.applications import Starlette
@@ -14,7 +15,7 @@ from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route, Router
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ztai.config import Settings, load_settings, with_upstreams
 from ztai.errors import StoreError, ZtaiError
@@ -28,7 +29,9 @@ from ztai.gateway import (
     task_routes,
     vault_routes,
 )
+from ztai.gateway.access_log import AccessLog
 from ztai.gateway.openai_routes import chat_completions, embeddings, list_models
+from ztai.gateway.pipeline import PRINCIPAL_SCOPE_KEY
 from ztai.gateway.responses import (
     ErrorBoundary,
     Handler,
@@ -46,6 +49,9 @@ from ztai.store import shared
 
 CONFIG_ENV = "ZTAI_CONFIG"
 UPSTREAMS_ENV = "ZTAI_SERVE_UPSTREAMS"  # JSON of `--upstream` additions, handed to worker processes
+
+
+_INFORMATIONAL = ("policy", "policy_reload")  # readyz entries that do not decide readiness
 
 
 async def healthz(_request: Request) -> Response:
@@ -77,7 +83,10 @@ async def readyz(request: Request) -> Response:
     except StoreError as exc:
         checks["revocations"] = exc.message
     checks["policy"] = runtime.policy.revision
-    ready = all(value == "ok" for key, value in checks.items() if key != "policy")
+    watch = runtime.policy_watch
+    if watch is not None:  # a refused reload leaves the previous set active: a warning, still ready
+        checks["policy_reload"] = f"refused: {watch.last_problem}" if watch.last_problem else "ok"
+    ready = all(value == "ok" for key, value in checks.items() if key not in _INFORMATIONAL)
     return JSONResponse(
         {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503
     )
@@ -95,10 +104,11 @@ async def jwks(request: Request) -> Response:
 
 
 class RequestMetrics:
-    """Counts requests by route and status; times the whole request."""
+    """Counts requests by route and status; times the whole request; writes the access log line."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, access_log: AccessLog | None = None) -> None:
         self.app = app
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -106,36 +116,69 @@ class RequestMetrics:
             return
         started = time.perf_counter()
         status = 500
+        sent = received = 0
+        decision_id = ""
 
-        async def send_and_count(message: dict[str, object]) -> None:
-            nonlocal status
+        async def receive_and_count() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            return message
+
+        async def send_and_count(message: Message) -> None:
+            nonlocal status, sent, decision_id
             if message["type"] == "http.response.start":
-                status = int(message["status"])  # type: ignore[call-overload]
+                status = int(message["status"])
+                for name, value in message.get("headers", ()):
+                    if name == b"x-ztai-decision-id":
+                        decision_id = value.decode("latin-1")
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
             await send(message)
 
         try:
-            await self.app(scope, receive, send_and_count)  # type: ignore[arg-type]
+            await self.app(scope, receive_and_count if self.access_log else receive, send_and_count)
         finally:
             # The route's template, not the raw path: ids in paths must not grow the label set.
             route = scope.get("route")
             template = getattr(route, "path", None)
             label = scope.get("root_path", "") + template if template else "unmatched"
+            elapsed = time.perf_counter() - started
             metrics.REQUESTS.labels(label, str(status)).inc()
-            metrics.STAGE["total"].observe(time.perf_counter() - started)
+            metrics.STAGE["total"].observe(elapsed)
+            if self.access_log is not None:
+                client = scope.get("client")
+                self.access_log.write(
+                    {
+                        "time": datetime.fromtimestamp(time.time() - elapsed, UTC).isoformat(),
+                        "method": scope.get("method", ""),
+                        "route": label,
+                        "path": scope.get("path", ""),
+                        "status": status,
+                        "latency_ms": round(elapsed * 1000, 3),
+                        "bytes_in": received,
+                        "bytes_out": sent,
+                        "decision_id": decision_id,
+                        "principal": scope.get(PRINCIPAL_SCOPE_KEY, ""),
+                        "ip": client[0] if client else "",
+                        "pid": os.getpid(),
+                    }
+                )
 
 
 def create_app(settings: Settings) -> Starlette:
+    access_log = _access_log(settings)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        runtime = await asyncio.to_thread(Runtime.build, settings)
-        app.state.runtime = runtime
-        app.state.mcp = mcp_routes.McpGateway.build(runtime)  # ConfigError: an MCP credential is unset
-        await runtime.start()
+        if access_log is not None:
+            access_log.start()
         try:
-            yield
+            async with _running(app, settings):
+                yield
         finally:
-            await app.state.mcp.close()
-            await runtime.close()
+            if access_log is not None:
+                await asyncio.to_thread(access_log.close)
 
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -161,13 +204,34 @@ def create_app(settings: Settings) -> Starlette:
     }
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.add_middleware(ErrorBoundary)
-    app.add_middleware(RequestMetrics)
+    app.add_middleware(RequestMetrics, access_log=access_log)
     return app
 
 
 def _protocol(prefix: str, routes: list[BaseRoute], handler: Handler) -> Mount:
     """`routes` under `prefix`, their typed errors answered by `handler`."""
     return Mount(prefix, app=ExceptionMiddleware(Router(routes), handlers=protocol_handlers(handler)))
+
+
+@asynccontextmanager
+async def _running(app: Starlette, settings: Settings) -> AsyncIterator[None]:
+    runtime = await asyncio.to_thread(Runtime.build, settings)
+    app.state.runtime = runtime
+    app.state.mcp = mcp_routes.McpGateway.build(runtime)  # ConfigError: an MCP credential is unset
+    await runtime.start()
+    try:
+        yield
+    finally:
+        await app.state.mcp.close()
+        await runtime.close()
+
+
+def _access_log(settings: Settings) -> AccessLog | None:
+    """The access log `server.access_log` asks for: None (off), stderr (true) or a file."""
+    target = settings.server.access_log
+    if target is False:
+        return None
+    return AccessLog(None if target is True else settings.path(target))
 
 
 def app_from_environment() -> Starlette:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as prometheus_multiprocess
 
 _STAGE_BUCKETS = (
@@ -40,12 +40,28 @@ MCP_MESSAGES = Counter(
     "MCP messages handled, by server, method and effect",
     ["server", "method", "effect"],
 )
+POLICY_RELOADS = Counter("ztai_policy_reloads_total", "Policy reload requests handled, by result", ["result"])
+# 1 for the policy revision a worker decides with (one series per worker with several workers).
+POLICY_REVISION = Gauge(
+    "ztai_policy_revision", "The active policy revision (1)", ["revision"], multiprocess_mode="liveall"
+)
+AUTH_FAILURES = Counter("ztai_auth_failures_total", "Failed authentications, by reason", ["reason"])
+AUTH_FAILURES_UNAUDITED = Counter(
+    "ztai_auth_failures_unaudited_total",
+    "Failed authentications counted in a summary instead of an audit event each (rate limit)",
+)
 
 # Bound children, so the hot path does no label lookups.
 STAGE = {
     stage: STAGE_SECONDS.labels(stage)
     for stage in ("read", "authenticate", "inspect", "decide", "audit", "upstream", "total")
 }
+
+
+def set_policy_revision(revision: str, previous: str | None = None) -> None:
+    if previous is not None and previous != revision:
+        POLICY_REVISION.labels(previous).set(0)
+    POLICY_REVISION.labels(revision).set(1)
 
 
 def render() -> bytes:

@@ -2,7 +2,10 @@
 
 Replies are canned and deterministic. Streaming sends one SSE chunk per word. A message containing
 `[[mock:error]]` gets a 500, `[[mock:sleep:MS]]` waits MS milliseconds first (to exercise timeouts),
-`[[mock:leak-system]]` answers with the system prompt (to exercise prompt-leak detection).
+`[[mock:leak-system]]` answers with the system prompt (to exercise prompt-leak detection),
+`[[mock:rate-limit]]` gets a 429 with `retry-after` (and `[[mock:rate-limit-plain]]` one with a body
+that is not OpenAI's error shape). Every answer carries `x-ratelimit-*` headers, and one internal header
+(`x-mock-internal`) that must not reach clients.
 """
 
 from __future__ import annotations
@@ -23,6 +26,12 @@ from ztai.gateway.responses import JSONResponse, error_body
 
 _SLEEP = re.compile(r"\[\[mock:sleep:(\d{1,6})\]\]")
 EMBEDDING_DIMENSIONS = 8
+RATE_LIMIT_HEADERS = {
+    "x-ratelimit-limit-requests": "1000",
+    "x-ratelimit-remaining-requests": "999",
+    "x-ratelimit-reset-requests": "7s",
+    "x-mock-internal": "not for clients",
+}
 
 
 def _last_user_text(messages: Any) -> str:
@@ -48,6 +57,12 @@ async def chat_completions(request: Request) -> Response:
     prompt = _last_user_text(payload.get("messages"))
     if "[[mock:error]]" in prompt:
         return JSONResponse(error_body("mock failure", "server_error", "mock_error"), status_code=500)
+    if "[[mock:rate-limit" in prompt:
+        headers = {**RATE_LIMIT_HEADERS, "retry-after": "7", "x-ratelimit-remaining-requests": "0"}
+        if "[[mock:rate-limit-plain]]" in prompt:
+            return Response(b"slow down", status_code=429, headers=headers, media_type="text/plain")
+        body = error_body("mock rate limit", "requests", "rate_limit_exceeded")
+        return JSONResponse(body, status_code=429, headers=headers)
     sleep = _SLEEP.search(prompt)
     if sleep:
         await asyncio.sleep(int(sleep.group(1)) / 1000)
@@ -62,7 +77,11 @@ async def chat_completions(request: Request) -> Response:
     created = int(time.time())
     completion_id = f"chatcmpl-mock{created}"
     if payload.get("stream"):
-        return StreamingResponse(_stream(completion_id, created, model, text), media_type="text/event-stream")
+        return StreamingResponse(
+            _stream(completion_id, created, model, text),
+            media_type="text/event-stream",
+            headers=RATE_LIMIT_HEADERS,
+        )
     usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     return JSONResponse(
@@ -80,7 +99,8 @@ async def chat_completions(request: Request) -> Response:
                 }
             ],
             "usage": usage,
-        }
+        },
+        headers=RATE_LIMIT_HEADERS,
     )
 
 

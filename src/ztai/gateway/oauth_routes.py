@@ -18,7 +18,14 @@ from starlette.routing import BaseRoute, Route
 from ztai.audit.events import identity_event, new_event_id
 from ztai.errors import ExchangeError
 from ztai.gateway import metrics
-from ztai.gateway.pipeline import Call, collect_context, decide, read_body, start_recording
+from ztai.gateway.pipeline import (
+    Call,
+    collect_context,
+    decide,
+    failed_authentication,
+    read_body,
+    start_recording,
+)
 from ztai.gateway.responses import NO_STORE, JSONResponse
 from ztai.gateway.runtime import Runtime
 from ztai.identity.exchange import ExchangePlan, ExchangeRequest, TokenExchange, Verdict
@@ -36,7 +43,7 @@ async def token_endpoint(request: Request) -> Response:
     body = await read_body(request, settings.server.max_body_bytes)
     exchange_request = ExchangeRequest.from_form(body, max_token_bytes=settings.identity.max_token_bytes)
     exchange = TokenExchange(settings, runtime.identity.keys, runtime.identity.verifier)
-    parties = await exchange.parties_async(exchange_request)
+    parties = await exchange.parties_async(exchange_request, failed_authentication(runtime.identity, request))
     call = Call(request.url.path, "token.exchange", "Agent", parties.actor.spiffe_id, body=body)
     call.principal = parties.subject
     recording: asyncio.Task[None] | None = None

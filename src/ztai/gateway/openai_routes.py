@@ -36,7 +36,7 @@ from ztai.gateway.pipeline import (
     parse_json_object,
     start_recording,
 )
-from ztai.gateway.responses import JSONResponse, sse_error_event
+from ztai.gateway.responses import JSONResponse, error_body, sse_error_event
 from ztai.gateway.runtime import RouteInspectors, Runtime
 from ztai.gateway.scanning import off_loop
 from ztai.gateway.upstream import Upstream, Upstreams, passed_headers, read_decoded, relay
@@ -146,8 +146,19 @@ async def _answer(
             content = await output.filter_completion(content)
         elif not isinstance(_json_or_none(content), dict):
             raise UpstreamResponseInvalid("the upstream answer cannot be inspected: it is not a JSON object")
+    elif status == 429 and not _is_openai_error(content):
+        # Rate limited: always a 429 in OpenAI's error shape (SDKs raise RateLimitError and honour the
+        # passed retry-after), whatever the provider's body looked like.
+        message = f"upstream {call.resource_id!r} is rate limited; retry later"
+        content = orjson.dumps(error_body(message, "rate_limit_error", "rate_limit_exceeded"))
+        headers = {**headers, "content-type": "application/json"}
     # Provider-side failures are reported as a bad gateway; client errors (4xx) pass through as they are.
     return Response(content, status_code=status if status < 500 else 502, headers=headers)
+
+
+def _is_openai_error(content: bytes) -> bool:
+    body = _json_or_none(content)
+    return isinstance(body, dict) and isinstance(body.get("error"), dict)
 
 
 async def _streamed_response(

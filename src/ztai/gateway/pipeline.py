@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,8 @@ from ztai.gateway.runtime import Identity, Runtime
 from ztai.identity import Principal
 from ztai.policy import Decision, principal_request
 from ztai.policy.context import principal_context
+
+PRINCIPAL_SCOPE_KEY = "ztai.principal"  # the ASGI scope entry naming the authenticated principal
 
 
 @dataclass
@@ -98,7 +101,29 @@ def bearer_token(request: Request) -> str:
 
 
 async def authenticate(identity: Identity, request: Request) -> Principal:
-    return await identity.verifier.verify_async(bearer_token(request))
+    """The verified principal of the bearer token; a failure is audited (rate-limited) and raised (401)."""
+    token: str | None = None
+    try:
+        token = bearer_token(request)
+        principal = await identity.verifier.verify_async(token)
+    except AuthenticationError as exc:
+        failed_authentication(identity, request)(exc, token)
+        raise
+    request.scope[PRINCIPAL_SCOPE_KEY] = principal.spiffe_id  # for the access log
+    return principal
+
+
+def failed_authentication(
+    identity: Identity, request: Request
+) -> Callable[[AuthenticationError, str | None], None]:
+    """What a route calls when a token presented in `request` fails verification: audit it."""
+    route = getattr(request.scope.get("route"), "path", None) or request.url.path
+    ip = request.client.host if request.client else ""
+
+    def record(error: AuthenticationError, token: str | None) -> None:
+        identity.failures.failed(error, route=route, ip=ip, token=token)
+
+    return record
 
 
 # Stage 3: collect context --------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import hashlib
 import logging
+import multiprocessing
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,13 +29,16 @@ from ztai.detect.inspector import Inspector, load_detector
 from ztai.detect.vault import Scope, SessionVault, VaultKeys, session_name
 from ztai.detect.vault_store import SqlVaultStore
 from ztai.errors import PolicyError, ZtaiError
-from ztai.gateway import scanning
+from ztai.gateway import metrics, scanning
+from ztai.gateway.auth_failures import AuthFailureRecorder
+from ztai.gateway.policy_watch import PolicyWatcher
 from ztai.gateway.upstream import Upstreams
 from ztai.identity import KeyStore, RevocationList, TokenVerifier
 from ztai.identity.revocation import RevocationFeed
 from ztai.identity.task_tokens import task_claims
 from ztai.identity.tokens import Principal
 from ztai.policy import PolicyEngine, model_entities
+from ztai.policy.reloads import PolicyReloads
 from ztai.store import Database, open_database
 from ztai.store.shared import async_client
 
@@ -155,11 +159,13 @@ class Stores:
 
 @dataclass(frozen=True, kw_only=True)
 class Identity:
-    """Who the caller is: signing keys, the revocation list and the token verifier."""
+    """Who the caller is: signing keys, the revocation list, the token verifier, and the record of
+    failed authentications."""
 
     keys: KeyStore
     revocations: RevocationList
     verifier: TokenVerifier
+    failures: AuthFailureRecorder  # failed authentications, audited (rate-limited)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,6 +229,8 @@ class Runtime:
     upstreams: Upstreams
     agents: AgentGuard  # tool-call decisions and session taint (ztai.agents)
     approvals: ApprovalStore
+    policy_watch: PolicyWatcher  # applies `ztai policy reload` requests to `policy`
+    _signal_tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)  # the background loops
     _revocation_feed: RevocationFeed | None = None  # Redis pub/sub of revocations, when configured
 
@@ -238,15 +246,23 @@ class Runtime:
         keys = KeyStore.load(settings.data_path)
         revocations = RevocationList(database, refresh_seconds=settings.identity.revocation_refresh_seconds)
         revocations.refresh()
-        identity = Identity(
-            keys=keys, revocations=revocations, verifier=TokenVerifier(settings, keys, revocations)
-        )
         upstreams = Upstreams(settings.upstreams)
+        reloads = PolicyReloads(database)
+        handled = reloads.latest()  # read before the directory: a request made meanwhile is applied
         policy = PolicyEngine(
             settings.policy_path,
             model_entities((model, upstream.name) for model, upstream in upstreams.by_model.items()),
         )
         audit = _audit(settings, database, keys)
+        failures = AuthFailureRecorder(
+            audit.writer,
+            tenant=settings.trust_domain,
+            fingerprint_key=audit.finding_key,
+            per_window=settings.audit.auth_failures_per_window,
+            window_seconds=settings.audit.auth_failure_window_seconds,
+        )
+        verifier = TokenVerifier(settings, keys, revocations)
+        identity = Identity(keys=keys, revocations=revocations, verifier=verifier, failures=failures)
         raw_audit_key = keys.audit_secret()
         # Keyed from keys.json, which every worker and replica shares: any of them knows every canary.
         canary_key = hashlib.sha256(b"ztai canary key\0" + raw_audit_key).digest()
@@ -267,6 +283,16 @@ class Runtime:
             canaries=canaries,
         )
         guard.inspector.warm()  # the tool-output detectors too: nothing loads on the first request
+        watcher = PolicyWatcher(
+            policy,
+            reloads,
+            audit.writer,
+            tenant=settings.trust_domain,
+            principal=settings.issuer,
+            poll_seconds=settings.policy.reload_poll_seconds,
+            redis_url=settings.store.redis_url,
+            seen=handled.id if handled is not None else 0,
+        )
         return cls(
             settings=settings,
             stores=stores,
@@ -277,6 +303,7 @@ class Runtime:
             upstreams=upstreams,
             agents=guard,
             approvals=approvals,
+            policy_watch=watcher,
         )
 
     async def start(self) -> None:
@@ -295,8 +322,17 @@ class Runtime:
         if self.settings.store.redis_url:
             self._revocation_feed = RevocationFeed(revocations, self.settings.store.redis_url)
             self._revocation_feed.start()
+        self.policy_watch.start()
+        self._tasks.append(asyncio.create_task(self._flush_auth_failures()))
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_policies)
+            if multiprocessing.parent_process() is not None:
+                # A worker under ztai's supervisor: SIGHUP is the supervisor's (a hangup of the process
+                # group must not make every worker request a reload of its own, nor end it).
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            else:
+                # A single-process server: SIGHUP reloads the policies in place (validated, recorded as
+                # a request, applied without a restart).
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         # Models, rules and policies loaded at start live as long as the process: out of the collector's
         # reach, a full collection no longer walks them (a pause of every request on the loop).
         gc.collect()
@@ -305,8 +341,10 @@ class Runtime:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
+        await self.identity.failures.close()  # the summaries of open windows, before the writer stops
         if self._revocation_feed is not None:
             await self._revocation_feed.close()
+        await self.policy_watch.close()
         await self.upstreams.close()
         await self.agents.sessions.close()
         if self.stores.redis is not None:
@@ -315,12 +353,21 @@ class Runtime:
         await asyncio.to_thread(self.audit.writer.stop)
         self.stores.database.close()
 
+    def _reload_on_signal(self) -> None:
+        task = asyncio.ensure_future(self.policy_watch.request_local("SIGHUP"))
+        self._signal_tasks.add(task)
+        task.add_done_callback(self._signal_tasks.discard)
+
     def reload_policies(self) -> None:
+        """Reload this process's policies at once (in-process callers and tests; a running server
+        reloads through `ztai policy reload` or SIGHUP, which every worker applies)."""
+        previous = self.policy.revision
         try:
             bundle = self.policy.reload()
         except PolicyError as exc:
             log.error("policy reload rejected, previous policies stay active: %s", exc.message)
             return
+        metrics.set_policy_revision(bundle.revision, previous)
         log.info("policies reloaded: revision %s (%d files)", bundle.revision, len(bundle.files))
 
     def _every(self, seconds: float, work: Callable[[], object]) -> None:
@@ -335,3 +382,8 @@ class Runtime:
                     log.warning("%s", exc.message)
 
         self._tasks.append(asyncio.create_task(loop()))
+
+    async def _flush_auth_failures(self) -> None:
+        while True:
+            await asyncio.sleep(self.identity.failures.window_seconds)
+            self.identity.failures.flush()

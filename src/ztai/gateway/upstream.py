@@ -30,8 +30,14 @@ from ztai.errors import (
     UpstreamTimeout,
 )
 
-# Response headers worth passing back; hop-by-hop and provider-internal headers are dropped.
-_PASS_HEADERS = ("content-type", "openai-processing-ms", "x-request-id")
+# Response headers worth passing back; hop-by-hop and provider-internal headers are dropped. Rate-limit
+# headers reach the client so its SDK backs off as the provider asks (retry-after on a 429).
+_PASS_HEADERS = frozenset(
+    ("content-type", "openai-processing-ms", "x-request-id", "retry-after", "retry-after-ms")
+)
+_PASS_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
+_MAX_RATE_LIMIT_HEADERS = 32
+_MAX_HEADER_VALUE = 256
 _CONNECT_TIMEOUT = 5.0
 ACCEPT_ENCODING = "gzip, deflate"  # what BodyDecoder undoes; anything else an upstream sends is refused
 _READ_CHUNK = 65_536
@@ -262,4 +268,16 @@ def upstream_errors(who: str) -> Iterator[None]:
 
 
 def passed_headers(response: aiohttp.ClientResponse) -> dict[str, str]:
-    return {name: response.headers[name] for name in _PASS_HEADERS if name in response.headers}
+    """The upstream's headers the client gets: the few of `_PASS_HEADERS` and the rate-limit family
+    (bounded in number and length), nothing else."""
+    passed: dict[str, str] = {}
+    rate_limits = 0
+    for name, value in response.headers.items():
+        name = name.lower()
+        if name in _PASS_HEADERS:
+            passed[name] = value
+        elif name.startswith(_PASS_PREFIXES) and len(value) <= _MAX_HEADER_VALUE:
+            rate_limits += 1
+            if rate_limits <= _MAX_RATE_LIMIT_HEADERS:
+                passed[name] = value
+    return passed

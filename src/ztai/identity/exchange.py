@@ -242,16 +242,22 @@ class TokenExchange:
         actor = self._verified(lambda: self._verifier.verify(request.actor_token), "actor_token")
         return self._check_parties(subject, actor)
 
-    async def parties_async(self, request: ExchangeRequest) -> Parties:
-        try:
-            subject = await self._verifier.verify_async(request.subject_token)
-        except AuthenticationError as exc:
-            raise ExchangeError(BAD_TOKEN, f"subject_token: {exc.message}") from None
-        try:
-            actor = await self._verifier.verify_async(request.actor_token)
-        except AuthenticationError as exc:
-            raise ExchangeError(BAD_TOKEN, f"actor_token: {exc.message}") from None
-        return self._check_parties(subject, actor)
+    async def parties_async(
+        self,
+        request: ExchangeRequest,
+        on_failure: Callable[[AuthenticationError, str], None] | None = None,
+    ) -> Parties:
+        """`parties` on an event loop; `on_failure` hears of a token that fails verification (with the
+        token), e.g. to audit it, before ExchangeError is raised."""
+        verified: list[Principal] = []
+        for name, token in (("subject_token", request.subject_token), ("actor_token", request.actor_token)):
+            try:
+                verified.append(await self._verifier.verify_async(token))
+            except AuthenticationError as exc:
+                if on_failure is not None:
+                    on_failure(exc, token)
+                raise ExchangeError(BAD_TOKEN, f"{name}: {exc.message}") from None
+        return self._check_parties(*verified)
 
     @staticmethod
     def _verified(verify: Callable[[], Principal], name: str) -> Principal:

@@ -203,11 +203,20 @@ class PolicyEngine:
     def revision(self) -> str:
         return self.bundle.revision
 
+    def load(self) -> PolicyBundle:
+        """Read, validate and parse the directory into a new bundle; the active one is untouched."""
+        return load_bundle(self.policy_dir, self._static_entities)
+
+    def activate(self, bundle: PolicyBundle) -> None:
+        """Make `bundle` the active set: one reference swap, so a decision sees the old set or the new
+        one, never a mixture (each decision reads `self.bundle` once)."""
+        self.bundle = bundle
+
     def reload(self) -> PolicyBundle:
         """Load the directory again; on any error the old bundle stays active and PolicyError is raised."""
         with self._lock:
-            bundle = load_bundle(self.policy_dir, self._static_entities)
-            self.bundle = bundle
+            bundle = self.load()
+            self.activate(bundle)
             return bundle
 
     def decide(self, request: Request) -> Decision:

@@ -172,3 +172,15 @@ class AgentCallCount(Base):
     task: Mapped[str] = mapped_column(String(128), primary_key=True)
     count: Mapped[int] = mapped_column(Integer, default=0)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class PolicyReload(Base):
+    """A request to load the policy directory again (`ztai policy reload`, SIGHUP): the revision that was
+    validated. Every worker and replica polls this table and swaps to that revision, or refuses."""
+
+    __tablename__ = "policy_reloads"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    revision: Mapped[str] = mapped_column(String(64))
+    requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    requested_by: Mapped[str] = mapped_column(String(255), default="")
