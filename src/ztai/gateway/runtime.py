@@ -32,7 +32,7 @@ from ztai.identity import KeyStore, RevocationList, TokenVerifier
 from ztai.identity.revocation import RevocationFeed
 from ztai.identity.task_tokens import task_claims
 from ztai.identity.tokens import Principal
-from ztai.policy import PolicyEngine, model_entities
+from ztai.policy import Decider, PolicyEngine, model_entities
 from ztai.store import Database, open_database
 from ztai.store.shared import async_client
 
@@ -125,6 +125,7 @@ class Runtime:
     revocations: RevocationList
     verifier: TokenVerifier
     policy: PolicyEngine
+    decider: Decider  # every decision of every route: Cedar, then one durable decision record
     audit_log: AuditLog
     audit: AuditWriter
     upstreams: Upstreams
@@ -182,9 +183,10 @@ class Runtime:
             if vault.enabled
             else None
         )
+        decider = Decider(policy, audit.record)
         guard = AgentGuard.build(
             settings,
-            policy,
+            decider,
             audit.record,
             finding_key,
             sessions=_session_store(settings, database, redis),
@@ -199,6 +201,7 @@ class Runtime:
             revocations,
             verifier,
             policy,
+            decider,
             audit_log,
             audit,
             upstreams,
