@@ -24,6 +24,7 @@ from ztai.gateway import (
     mcp_routes,
     metrics,
     oauth_routes,
+    policy_routes,
     task_routes,
     vault_routes,
 )
@@ -140,6 +141,7 @@ def create_app(settings: Settings) -> Starlette:
         *approval_routes.ROUTES,
         *agent_routes.ROUTES,
         *oauth_routes.ROUTES,
+        *policy_routes.ROUTES,
         *task_routes.ROUTES,
         *mcp_routes.ROUTES,
         *vault_routes.ROUTES,
