@@ -88,7 +88,7 @@ def test_a_stricter_candidate_changes_exactly_the_decisions_it_covers(tmp_path: 
     assert (report.considered, report.replayed, len(report.changes)) == (5, 5, 2)
     assert [c.decision_id for c in report.changes] == [log[0]["id"], log[1]["id"]]
     assert report.transitions == {"allow->deny": 2}
-    assert report.by_policy == {"no-gpt": 2, "models-listed-in-token": 2}
+    assert report.by_policy == {"no-gpt": 2}
     assert report.changes[0].to_json() == {
         "decision_id": log[0]["id"],
         "before": "allow",
@@ -96,6 +96,15 @@ def test_a_stricter_candidate_changes_exactly_the_decisions_it_covers(tmp_path: 
         "reasons": ["no-gpt"],
     }
     assert replay(log, candidate(tmp_path / "same")).changes == []  # the same policies: nothing changes
+
+
+def test_a_removed_permit_is_named_as_the_policy_that_made_the_difference(tmp_path: Path) -> None:
+    log = records([chat("alice", "mock", ["mock"])])
+    directory = tmp_path / "fewer"
+    shutil.copytree(DEFAULTS_DIR, directory)
+    (directory / "models.cedar").unlink()
+    report = replay(log, load_bundle(directory, MODELS))
+    assert report.transitions == {"allow->deny": 1} and report.by_policy == {"models-listed-in-token": 1}
 
 
 def test_replay_compares_with_what_policy_said_not_with_later_steps(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from ztai.policy.decider import DecisionRequest, Entity, conclude
 from ztai.policy.decision import Decision
-from ztai.policy.engine import PolicyBundle, decide_with
+from ztai.policy.engine import DEFAULT_DENY, PolicyBundle, decide_with
 
 # Why a record cannot be decided again.
 OTHER_SCHEMA = "other_schema"
@@ -35,7 +35,7 @@ class Change:
     before: str
     after: str
     reasons: list[str]  # the candidate's reasons
-    policies: list[str]  # policy ids among the reasons of one and not the other
+    policies: list[str]  # the policy ids that made the difference (see `compare`)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -131,6 +131,9 @@ def compare(record: dict[str, Any], after: Decision) -> Change | None:
         after.obligations
     ):
         return None
-    notes = {*record["input"].get("refusals", ()), *record["input"].get("notes", ())}
-    policies = (set(before["reasons"]) ^ set(after.reasons)) - notes
-    return Change(str(record["id"]), before["effect"], after.effect, after.reasons, sorted(policies))
+    # The policies that made the difference: those the candidate's decision names and the recorded one
+    # did not; where there are none (a permit was taken away: a default deny), those no longer named.
+    notes = {*record["input"].get("refusals", ()), *record["input"].get("notes", ()), DEFAULT_DENY}
+    added = set(after.reasons) - set(before["reasons"]) - notes
+    removed = set(before["reasons"]) - set(after.reasons) - notes
+    return Change(str(record["id"]), before["effect"], after.effect, after.reasons, sorted(added or removed))
