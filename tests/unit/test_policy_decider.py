@@ -211,3 +211,15 @@ def test_an_engine_failure_refuses(engine: PolicyEngine, monkeypatch: pytest.Mon
     monkeypatch.setattr(engine, "decide", broken)
     with pytest.raises(PolicyEvaluationError):
         Decider(engine).evaluate(chat(listed()))
+
+
+def test_evaluate_many_matches_evaluate_and_names_nothing(engine: PolicyEngine) -> None:
+    decider = Decider(engine)
+    requests = [chat(listed()), chat(merge_context({"token": {"models": ["other"]}})), chat({"bad": 1})]
+    many = decider.evaluate_many(requests)
+    assert (
+        [d.effect for d in many]
+        == [decider.evaluate(r).effect for r in requests]
+        == ["allow", "deny", "deny"]
+    )
+    assert many[2].reasons == [INVALID_CONTEXT] and all(d.id == "" for d in many)

@@ -40,6 +40,7 @@ def answer_event(
         "time": now_iso(),
         "tenant": tenant,
         "principal": principal,
+        "action": "model.answered",
         "resource": resource,
         "decision_id": decision_id,
         "status": status,

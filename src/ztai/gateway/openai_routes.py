@@ -33,6 +33,7 @@ from ztai.gateway.pipeline import (
     authenticate,
     collect_context,
     decide_call,
+    decision_request,
     enforce,
     parse_json_object,
     start_recording,
@@ -42,7 +43,7 @@ from ztai.gateway.runtime import RouteInspectors, Runtime
 from ztai.gateway.scanning import off_loop
 from ztai.gateway.sse import SseDecoder
 from ztai.gateway.upstream import Upstream, passed_headers, read_decoded, relay
-from ztai.policy import principal_request
+from ztai.policy import Entity
 
 MAX_MODEL_NAME = 256
 FINDING_COST_CHARS = 20  # hashing one finding for the audit costs about as much as scanning 20 characters
@@ -364,12 +365,13 @@ async def list_models(request: Request) -> Response:
     """Only the models the caller may use (each checked against policy as a `chat` request)."""
     runtime: Runtime = request.app.state.runtime
     principal = await authenticate(runtime, request)
-    context = collect_context(Call("/models", "chat", "Model", "", principal=principal), request)
+    call = Call("/models", "chat", "Model", "", principal=principal)
+    call.context = collect_context(call, request)
     names = sorted(runtime.upstreams.by_model)
-    requests = [
-        principal_request(principal.spiffe_id, principal.kind, "chat", "Model", n, context) for n in names
-    ]
-    decisions = runtime.policy.decide_many(requests)
+    asked = decision_request(call)
+    decisions = runtime.decider.evaluate_many(
+        [dataclasses.replace(asked, resource=Entity("Model", name)) for name in names]
+    )
     allowed = [name for name, decision in zip(names, decisions, strict=True) if decision.allowed]
     await runtime.audit.record(
         identity_event(

@@ -94,6 +94,14 @@ class Decider:
             raise PolicyEvaluationError(f"policy evaluation failed: {type(exc).__name__}") from None
         return conclude(decided, request, new_event_id("dec") if decision_id is None else decision_id)
 
+    def evaluate_many(self, requests: list[DecisionRequest]) -> list[Decision]:
+        """Evaluations only (no ids, nothing recorded), in one Cedar batch: e.g. which models to list."""
+        try:
+            decided = self.engine.decide_many([request.cedar() for request in requests])
+        except Exception as exc:  # the policy engine failing must refuse, not allow
+            raise PolicyEvaluationError(f"policy evaluation failed: {type(exc).__name__}") from None
+        return [conclude(d, request, "") for d, request in zip(decided, requests, strict=True)]
+
     async def decide(self, request: DecisionRequest) -> Decision:
         """Evaluate and make the decision record durable (raises AuditUnavailable: fail closed)."""
         decision = self.evaluate(request)
