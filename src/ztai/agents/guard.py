@@ -4,7 +4,8 @@ The MCP gateway, `/v1/agents/authorize` + `/v1/agents/observe`, and `ztai agents
 `AgentGuard.authorize` and `AgentGuard.observe`:
 
     authorize: task grant (tools, argument constraints, egress) -> tool profile (annotations) ->
-               value provenance + session state -> Cedar (`tool.call`) -> budget -> approval -> audit
+               value provenance + session state -> Decider (Cedar `tool.call`; grant problems are
+               refusals) -> approval -> budget -> one decision record
     observe:   detectors (as tool_output) -> value keys (trusted / untrusted / suspicious) -> session
                taint -> audit of the findings
 
@@ -200,32 +201,7 @@ class AgentGuard:
         context["tool"]["granted"] = not problems
         context["tool"]["egress_hosts"] = sorted(egress_hosts)
         hashed_call = self.call_hash(server, tool, arguments)
-        actor = (
-            principal_entity(task.actor, "agent")
-            if task
-            else principal_entity(principal.spiffe_id, principal.kind)
-        )
-        asked = DecisionRequest(
-            tenant=principal.tenant,
-            principal=actor,
-            action="tool.call",
-            resource=Entity("Tool", f"{server}/{tool}"),
-            context=context,
-            route=route,
-            fingerprint=hashed_call,
-            details={
-                "jti": principal.jti,
-                "subject": principal.spiffe_id,
-                "task": task.task_id if task else "",
-                "call_hash": hashed_call,
-                "ip": ip,
-                "provenance": {k: context["tool"][k] for k in _PROVENANCE_KEYS},
-            },
-            # The grant is final: a call outside it is denied whatever policy says, and no approval (not
-            # even one already given for this exact call) is looked up or consumed for it.
-            refusals=tuple(problems),
-            notes=tuple(profile.reasons()),
-        )
+        asked = self._decision_request(principal, task, profile, server, tool, context, hashed_call, problems)
         evaluated = self.decider.evaluate(asked)
         decision = evaluated
         if task is not None and decision.effect == "require_approval" and self.approvals is not None:
@@ -236,6 +212,45 @@ class AgentGuard:
                 decision = decision.amended("deny", [*decision.reasons, over], decision.approval_id)
         await self.decider.record(asked, decision, evaluated)
         return decision
+
+    def _decision_request(
+        self,
+        principal: Principal,
+        task: TaskClaims | None,
+        profile: ToolProfile,
+        server: str,
+        tool: str,
+        context: dict[str, Any],
+        hashed_call: str,
+        problems: list[str],
+    ) -> DecisionRequest:
+        """The call as the Decider sees it: the acting agent (the task's actor), the tool, the context,
+        the grant's problems as refusals and the tool profile as notes."""
+        if task is not None:
+            actor = principal_entity(task.actor, "agent")
+        else:
+            actor = principal_entity(principal.spiffe_id, principal.kind)
+        return DecisionRequest(
+            tenant=principal.tenant,
+            principal=actor,
+            action="tool.call",
+            resource=Entity("Tool", f"{server}/{tool}"),
+            context=context,
+            route=context["request"]["route"],
+            fingerprint=hashed_call,
+            details={
+                "jti": principal.jti,
+                "subject": principal.spiffe_id,
+                "task": task.task_id if task else "",
+                "call_hash": hashed_call,
+                "ip": context["network"]["ip"],
+                "provenance": {k: context["tool"][k] for k in _PROVENANCE_KEYS},
+            },
+            # The grant is final: a call outside it is denied whatever policy says, and no approval (not
+            # even one already given for this exact call) is looked up or consumed for it.
+            refusals=tuple(problems),
+            notes=tuple(profile.reasons()),
+        )
 
     async def _check_grant(
         self, task: TaskClaims | None, server: str, tool: str, arguments: Mapping[str, Any]
