@@ -4,6 +4,7 @@ calls, splits values anywhere, sends garbage or oversize events. Nothing may pas
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -465,3 +466,48 @@ async def test_fields_ztai_does_not_inspect_are_dropped_not_passed_on(
     provider.answer(sse(events), "text/event-stream")
     response = await gateway.chat(stream=True)
     assert SECRET not in response.text
+
+
+# The upstream's status and token usage, recorded after the decision ------------------------------------
+async def answered(gateway: Gateway, decision_id: str) -> dict[str, Any]:
+    """The `model.answered` event of a decision (queued after the answer, committed by the writer)."""
+    for _ in range(500):
+        for _seq, event in gateway.runtime.audit.log.tail(50):
+            if event["kind"] == "model.answered" and event["decision_id"] == decision_id:
+                return event
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no model.answered event for {decision_id}")
+
+
+USAGE = {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+
+
+async def test_the_status_and_usage_of_an_answer_are_recorded(gateway: Gateway, provider: Provider) -> None:
+    provider.answer(orjson.dumps({**orjson.loads(completion({"content": "fine"})), "usage": USAGE}))
+    response = await gateway.chat()
+    event = await answered(gateway, response.headers["x-ztai-decision-id"])
+    assert (event["status"], event["usage"], event["stream"]) == (200, USAGE, False)
+    assert event["principal"] == "spiffe://example.org/user/alice" and event["resource"] == "Model::mock"
+    decisions = [e for _, e in gateway.runtime.audit.log.tail(50) if e["kind"] == "decision"]
+    assert decisions[-1]["id"] == event["decision_id"]  # the decision record came first
+
+
+async def test_the_usage_a_stream_reports_at_its_end_is_recorded(
+    gateway: Gateway, provider: Provider
+) -> None:
+    events = [*text_stream("all ", "good"), chunk([]) | {"usage": USAGE}]
+    provider.answer(sse(events), "text/event-stream")
+    response = await gateway.chat(stream=True, stream_options={"include_usage": True})
+    texts, _ = streamed(response)
+    assert texts == {(0, "content"): "all good"}
+    event = await answered(gateway, response.headers["x-ztai-decision-id"])
+    assert (event["status"], event["usage"], event["stream"]) == (200, USAGE, True)
+
+
+async def test_an_upstream_failure_is_recorded_with_its_status(gateway: Gateway, provider: Provider) -> None:
+    provider.status = 500
+    provider.answer(b'{"error": {"message": "down"}}')
+    response = await gateway.chat()
+    assert response.status_code == 502
+    event = await answered(gateway, response.headers["x-ztai-decision-id"])
+    assert (event["status"], event["usage"]) == (500, {})

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import delete, text, update
 
 from ztai.audit import AuditLog, AuditWriter, merkle
-from ztai.audit.events import decision_event, new_event_id
+from ztai.audit.events import new_event_id, now_iso
 from ztai.audit.log import canonical
 from ztai.audit.ocsf import OcsfFileExporter
 from ztai.errors import AuditUnavailable
@@ -19,19 +19,21 @@ from ztai.store import AuditCheckpoint, AuditEvent, Database
 
 
 def event(index: int = 0, effect: str = "allow") -> dict[str, object]:
-    return decision_event(
-        decision_id=new_event_id("dec"),
-        tenant="example.org",
-        principal=f"spiffe://example.org/user/u{index}",
-        action="chat",
-        resource="Model::mock",
-        effect=effect,
-        reasons=["models-listed-in-token"],
-        errors=[],
-        obligations=[],
-        policy_revision="rev",
-        request={"route": "/chat/completions", "fingerprint": "00", "bytes": 10, "ip": "127.0.0.1"},
-    )
+    return {  # a decision record's shape (ztai.policy.decider)
+        "id": new_event_id("dec"),
+        "kind": "decision",
+        "time": now_iso(),
+        "tenant": "example.org",
+        "principal": f"spiffe://example.org/user/u{index}",
+        "action": "chat",
+        "resource": "Model::mock",
+        "effect": effect,
+        "reasons": ["models-listed-in-token"],
+        "errors": [],
+        "obligations": [],
+        "policy_revision": "rev",
+        "request": {"route": "/chat/completions", "fingerprint": "00", "bytes": 10, "ip": "127.0.0.1"},
+    }
 
 
 @pytest.fixture

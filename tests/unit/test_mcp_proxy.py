@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from tests.loopback import serving
-from ztai.agents.guard import Observation, ToolDecision
+from ztai.agents.guard import Observation
 from ztai.config import load_settings
 from ztai.errors import AuditUnavailable, ConfigError, RpcProblem
 from ztai.gateway.app import create_app
@@ -25,6 +25,7 @@ from ztai.gateway.mcp_upstream import McpUpstreams
 from ztai.gateway.sse import SseDecoder
 from ztai.identity import KeyStore, Principal, issue_token
 from ztai.identity.task_tokens import act_claim
+from ztai.policy import Decision
 from ztai.store import open_database
 
 API_KEY = "upstream-key-123"
@@ -118,7 +119,7 @@ async def mcp_server() -> AsyncIterator[FakeMcpServer]:
 # A fake of the agent guard (the contract of ztai.agents.guard.AgentGuard) ------------------------------------
 @dataclass
 class FakeGuard:
-    decisions: dict[str, ToolDecision] = field(default_factory=dict)  # by tool; default allow
+    decisions: dict[str, Decision] = field(default_factory=dict)  # by tool; default allow
     learned: list[tuple[str, list[str]]] = field(default_factory=list)
     authorized: list[tuple[str, str, dict[str, Any], str]] = field(default_factory=list)
     observed: list[tuple[str, str, str]] = field(default_factory=list)
@@ -142,9 +143,9 @@ class FakeGuard:
         *,
         route: str,
         ip: str = "",
-    ) -> ToolDecision:
+    ) -> Decision:
         self.authorized.append((server, tool, arguments, route))
-        return self.decisions.get(tool, ToolDecision("allow", ["tools-granted-by-task"], [], "dec_allow"))
+        return self.decisions.get(tool, Decision("allow", ["tools-granted-by-task"], id="dec_allow"))
 
     async def observe(
         self, principal: Principal, *, server: str, tool: str, content: str, route: str
@@ -318,11 +319,11 @@ async def test_upstream_gets_its_own_credential_and_transport_headers_only(harne
 
 
 async def test_a_refused_call_never_reaches_the_server_and_explains_itself(harness: Harness) -> None:
-    harness.guard.decisions["wipe"] = ToolDecision(
-        "deny", ["default-deny", "tool ws/wipe is not granted to this task"], [], "dec_1"
+    harness.guard.decisions["wipe"] = Decision(
+        "deny", ["default-deny", "tool ws/wipe is not granted to this task"], id="dec_1"
     )
-    harness.guard.decisions["send"] = ToolDecision(
-        "require_approval", ["approve-side-effects-after-injection"], [], "dec_2", "apr_42"
+    harness.guard.decisions["send"] = Decision(
+        "require_approval", ["approve-side-effects-after-injection"], id="dec_2", approval_id="apr_42"
     )
     token = harness.token(["ws/search"])
     denied = await harness.post(request("tools/call", {"name": "wipe", "arguments": {"path": "/"}}, 7), token)

@@ -10,7 +10,8 @@ import pytest
 
 from ztai.errors import PolicyError
 from ztai.policy import PolicyEngine, merge_context, model_entities, principal_request
-from ztai.policy.engine import DEFAULTS_DIR, Decision, _explain
+from ztai.policy.decision import Decision
+from ztai.policy.engine import DEFAULTS_DIR, _explain
 from ztai.policy.testing import run_file
 
 ALICE = "spiffe://example.org/user/alice"

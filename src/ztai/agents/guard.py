@@ -4,7 +4,8 @@ The MCP gateway, `/v1/agents/authorize` + `/v1/agents/observe`, and `ztai agents
 `AgentGuard.authorize` and `AgentGuard.observe`:
 
     authorize: task grant (tools, argument constraints, egress) -> tool profile (annotations) ->
-               value provenance + session state -> Cedar (`tool.call`) -> budget -> approval -> audit
+               value provenance + session state -> Decider (Cedar `tool.call`; grant problems are
+               refusals) -> approval -> budget -> one decision record
     observe:   detectors (as tool_output) -> value keys (trusted / untrusted / suspicious) -> session
                taint -> audit of the findings
 
@@ -40,17 +41,24 @@ from ztai.agents.session import (
     SessionState,
     SessionStore,
 )
-from ztai.audit.events import decision_event, identity_event, new_event_id
+from ztai.audit.events import identity_event
 from ztai.config import AgentSettings, McpServerSettings, Settings
 from ztai.detect.base import Detector, Source
 from ztai.detect.canary import CanaryDetector
 from ztai.detect.injection import InjectionDetector, InjectionModel
 from ztai.detect.inspector import Inspection, Inspector, audit_findings
-from ztai.errors import ApprovalRequired, PermissionDenied, PolicyEvaluationError, StepUpRequired
 from ztai.identity.egress import call_egress
 from ztai.identity.task_tokens import TaskClaims, task_claims
 from ztai.identity.tokens import Principal
-from ztai.policy import Decision, PolicyEngine, principal_context, principal_request
+from ztai.policy import (
+    Decider,
+    Decision,
+    DecisionRequest,
+    Entity,
+    PolicyEngine,
+    principal_context,
+    principal_entity,
+)
 
 Recorder = Callable[[dict[str, Any]], Awaitable[object]]
 MAX_INPUT_DEPTH = 8
@@ -60,56 +68,6 @@ CLAIMED_USER_NOTE = (
     "trusted only when posted with the user's own token and the task token (docs/agents.md)"
 )
 _INLINE_CHECK_BYTES = 8192  # arguments up to this size (as JSON) are checked on the event loop
-
-
-@dataclass(frozen=True)
-class ToolDecision:
-    """The answer to one proposed tool call."""
-
-    effect: str  # allow | deny | step_up | require_approval | allow_with_obligations
-    reasons: list[str]
-    obligations: list[str]
-    decision_id: str
-    approval_id: str | None = None
-    outside_grant: tuple[str, ...] = ()  # why the call is outside the task grant (names parts, not values)
-
-    @property
-    def allowed(self) -> bool:
-        return self.effect in ("allow", "allow_with_obligations")
-
-    def error(self) -> PermissionDenied:
-        """The error a route raises when the call is not allowed."""
-        if self.effect == "require_approval" and self.approval_id:
-            return ApprovalRequired(
-                f"tool call held for approval {self.approval_id}: ask an operator to run "
-                f"`ztai approvals approve {self.approval_id}`, then retry the same call",
-                decision_id=self.decision_id,
-                approval_id=self.approval_id,
-            )
-        if self.effect == "require_approval":
-            return PermissionDenied(
-                "tool call requires approval", decision_id=self.decision_id, code="approval_required"
-            )
-        if self.effect == "step_up":
-            return StepUpRequired(
-                "step-up authentication required for this call", decision_id=self.decision_id
-            )
-        if self.outside_grant:
-            return PermissionDenied(
-                "tool call outside the task grant: " + "; ".join(self.outside_grant)[:500],
-                decision_id=self.decision_id,
-                code="outside_grant",
-            )
-        return PermissionDenied("tool call denied by policy", decision_id=self.decision_id)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "decision_id": self.decision_id,
-            "effect": self.effect,
-            "reasons": self.reasons,
-            "obligations": self.obligations,
-            "approval_id": self.approval_id,
-        }
 
 
 @dataclass(frozen=True)
@@ -140,8 +98,8 @@ class Observation:
 class AgentGuard:
     settings: AgentSettings
     issuer: str
-    policy: PolicyEngine
-    record: Recorder  # makes an audit event durable (raises to fail closed)
+    decider: Decider  # decides tool calls and writes their decision records
+    record: Recorder  # makes an audit event durable (raises to fail closed): content observations
     sessions: SessionStore
     inspector: Inspector  # detectors for tool output (findings -> audit and session flag)
     injection: InjectionModel | None  # for suspicious windows (value provenance)
@@ -154,7 +112,7 @@ class AgentGuard:
     def build(
         cls,
         settings: Settings,
-        policy: PolicyEngine,
+        policy: Decider | PolicyEngine,
         record: Recorder,
         key: bytes,
         *,
@@ -163,7 +121,7 @@ class AgentGuard:
         canaries: CanaryDetector | None = None,
     ) -> AgentGuard:
         """A guard with the configured detectors for tool output and an in-process session store unless
-        another (Redis) is given."""
+        another (Redis) is given. A bare engine gets a Decider that records through `record`."""
         agents = settings.agents
         inspector = Inspector(["injection", "secrets"])
         injection = next(d for d in inspector.detectors if isinstance(d, InjectionDetector))
@@ -174,10 +132,11 @@ class AgentGuard:
             max_values=agents.max_session_values,
             count_ttl_seconds=agents.max_task_ttl_seconds,
         )
+        decider = policy if isinstance(policy, Decider) else Decider(policy, record)
         return cls(
             agents,
             settings.issuer,
-            policy,
+            decider,
             record,
             store,
             inspector,
@@ -232,7 +191,7 @@ class AgentGuard:
         route: str,
         ip: str = "",
         definition: Mapping[str, Any] | None = None,
-    ) -> ToolDecision:
+    ) -> Decision:
         """Decide a proposed tool call; the decision is durable in the audit log before this returns."""
         task = task_claims(principal, self.issuer)
         profile = self.profile(server, tool, definition)
@@ -241,46 +200,57 @@ class AgentGuard:
         context = self._context(principal, task, profile, arguments, state, provenance, route, ip)
         context["tool"]["granted"] = not problems
         context["tool"]["egress_hosts"] = sorted(egress_hosts)
-        decision = self._decide(principal, task, server, tool, context)
-        reasons = [*decision.reasons, *problems, *profile.reasons()]
-        # The grant is final: a call outside it is denied whatever policy says, and no approval (not
-        # even one already given for this exact call) is looked up or consumed for it.
-        effect: str = "deny" if problems else decision.effect
-        approval_id: str | None = None
-        decision_id = new_event_id("dec")
         hashed_call = self.call_hash(server, tool, arguments)
-        if task is not None and effect == "require_approval" and self.approvals is not None:
-            effect, approval_id, reasons = await self._approval(
-                principal, task, server, tool, arguments, hashed_call, reasons, decision_id
-            )
-        if task is not None and effect in ("allow", "allow_with_obligations"):
+        asked = self._decision_request(principal, task, profile, server, tool, context, hashed_call, problems)
+        evaluated = self.decider.evaluate(asked)
+        decision = evaluated
+        if task is not None and decision.effect == "require_approval" and self.approvals is not None:
+            decision = await self._approval(principal, task, server, tool, arguments, hashed_call, decision)
+        if task is not None and decision.allowed:
             over = await self._spend_budget(principal.tenant, task)
             if over:
-                effect, reasons = "deny", [*reasons, over]
-        event = decision_event(
-            decision_id=decision_id,
+                decision = decision.amended("deny", [*decision.reasons, over], decision.approval_id)
+        await self.decider.record(asked, decision, evaluated)
+        return decision
+
+    def _decision_request(
+        self,
+        principal: Principal,
+        task: TaskClaims | None,
+        profile: ToolProfile,
+        server: str,
+        tool: str,
+        context: dict[str, Any],
+        hashed_call: str,
+        problems: list[str],
+    ) -> DecisionRequest:
+        """The call as the Decider sees it: the acting agent (the task's actor), the tool, the context,
+        the grant's problems as refusals and the tool profile as notes."""
+        if task is not None:
+            actor = principal_entity(task.actor, "agent")
+        else:
+            actor = principal_entity(principal.spiffe_id, principal.kind)
+        return DecisionRequest(
             tenant=principal.tenant,
-            principal=task.actor if task else principal.spiffe_id,
+            principal=actor,
             action="tool.call",
-            resource=f"Tool::{server}/{tool}",
-            effect=effect,
-            reasons=reasons,
-            errors=decision.errors,
-            obligations=decision.obligations,
-            policy_revision=decision.policy_revision,
-            request={
-                "route": route,
+            resource=Entity("Tool", f"{server}/{tool}"),
+            context=context,
+            route=context["request"]["route"],
+            fingerprint=hashed_call,
+            details={
                 "jti": principal.jti,
                 "subject": principal.spiffe_id,
                 "task": task.task_id if task else "",
                 "call_hash": hashed_call,
-                "ip": ip,
+                "ip": context["network"]["ip"],
                 "provenance": {k: context["tool"][k] for k in _PROVENANCE_KEYS},
-                "approval_id": approval_id,
             },
+            # The grant is final: a call outside it is denied whatever policy says, and no approval (not
+            # even one already given for this exact call) is looked up or consumed for it.
+            refusals=tuple(problems),
+            notes=tuple(profile.reasons()),
         )
-        await self.record(event)
-        return ToolDecision(effect, reasons, decision.obligations, decision_id, approval_id, tuple(problems))
 
     async def _check_grant(
         self, task: TaskClaims | None, server: str, tool: str, arguments: Mapping[str, Any]
@@ -402,16 +372,6 @@ class AgentGuard:
             context["content"]["canary"] = bool(self.canaries.scan(text, "model_output"))
         return context
 
-    def _decide(
-        self, principal: Principal, task: TaskClaims | None, server: str, tool: str, context: dict[str, Any]
-    ) -> Decision:
-        actor, kind = (task.actor, "agent") if task else (principal.spiffe_id, principal.kind)
-        request = principal_request(actor, kind, "tool.call", "Tool", f"{server}/{tool}", context)
-        try:
-            return self.policy.decide(request)
-        except Exception as exc:  # the engine failing must refuse the call, not allow it
-            raise PolicyEvaluationError(f"policy evaluation failed: {type(exc).__name__}") from None
-
     async def _approval(
         self,
         principal: Principal,
@@ -420,16 +380,16 @@ class AgentGuard:
         tool: str,
         arguments: Mapping[str, Any],
         call_hash: str,
-        reasons: list[str],
-        decision_id: str,
-    ) -> tuple[str, str | None, list[str]]:
+        decision: Decision,
+    ) -> Decision:
+        """Allowed when an operator approved this exact call (the approval is used up), else held."""
         approvals = self.approvals
         assert approvals is not None
         used = await asyncio.to_thread(
             approvals.consume, tenant=principal.tenant, task_id=task.task_id, call_hash=call_hash
         )
         if used is not None:
-            return "allow", used, [*reasons, f"approved:{used}"]
+            return decision.amended("allow", [*decision.reasons, f"approved:{used}"], used)
         approval = await asyncio.to_thread(
             lambda: approvals.request(
                 tenant=principal.tenant,
@@ -439,12 +399,12 @@ class AgentGuard:
                 tool=tool,
                 call_hash=call_hash,
                 preview=preview(arguments),
-                reasons=reasons,
-                decision_id=decision_id,
+                reasons=decision.reasons,
+                decision_id=decision.id,
                 ttl_seconds=self.settings.approval_ttl_seconds,
             )
         )
-        return "require_approval", str(approval.id), reasons
+        return decision.amended("require_approval", decision.reasons, str(approval.id))
 
     async def _spend_budget(self, tenant: str, task: TaskClaims) -> str | None:
         """Count the call against the task and every ancestor (a parent's budget covers all its

@@ -1,4 +1,5 @@
-"""Audit events: what is recorded for each decision and each identity operation.
+"""Audit events: what is recorded for each identity operation and each model answer (decision records
+are built by `ztai.policy.decider`).
 
 Events never hold raw secrets: tokens appear by their `jti`, request bodies by a SHA-256 fingerprint.
 """
@@ -20,35 +21,35 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def decision_event(
+def answer_event(
     *,
     decision_id: str,
     tenant: str,
     principal: str,
-    action: str,
     resource: str,
-    effect: str,
-    reasons: list[str],
-    errors: list[str],
-    obligations: list[str],
-    policy_revision: str,
-    request: dict[str, Any],
+    status: int | None,
+    usage: dict[str, int],
+    stream: bool,
+    error: str = "",
 ) -> dict[str, Any]:
-    return {
-        "id": decision_id,
-        "kind": "decision",
+    """What the upstream answered to an allowed model call (`decision_id` names its decision record):
+    its HTTP status (None: no answer, `error` says why) and the token usage it reported."""
+    event: dict[str, Any] = {
+        "id": new_event_id(),
+        "kind": "model.answered",
         "time": now_iso(),
         "tenant": tenant,
         "principal": principal,
-        "action": action,
+        "action": "model.answered",
         "resource": resource,
-        "effect": effect,
-        "reasons": reasons,
-        "errors": errors,
-        "obligations": obligations,
-        "policy_revision": policy_revision,
-        "request": request,
+        "decision_id": decision_id,
+        "status": status,
+        "usage": usage,
+        "stream": stream,
     }
+    if error:
+        event["error"] = error
+    return event
 
 
 def identity_event(kind: str, *, tenant: str, principal: str, details: dict[str, Any]) -> dict[str, Any]:

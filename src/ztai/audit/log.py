@@ -313,6 +313,20 @@ class AuditLog:
             ).all()
         return [(seq, orjson.loads(body)) for seq, body in reversed(rows)]
 
+    def decisions(
+        self, *, since: datetime | None = None, limit: int = 10_000, tenant: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The newest `limit` decision records (at or after `since`, of `tenant` when given), oldest
+        first."""
+        query = select(AuditEvent.body).where(AuditEvent.kind == "decision")
+        if since is not None:
+            query = query.where(AuditEvent.created_at >= since.astimezone(UTC))
+        if tenant is not None:
+            query = query.where(AuditEvent.tenant == tenant)
+        with self._database.sessions() as session:
+            bodies = session.execute(query.order_by(AuditEvent.seq.desc()).limit(limit)).scalars().all()
+        return [orjson.loads(body) for body in reversed(bodies)]
+
     def _leaf_hashes(self, size: int) -> list[bytes]:
         """Leaf hashes recomputed from the stored bodies (never trusting the stored hash column)."""
         with self._database.sessions() as session:

@@ -16,6 +16,21 @@ OCSF_VERSION = "1.3.0"
 _DENIED = ("deny", "step_up")
 
 
+# Decision records' and answers' fields carried along as they are (the SIEM keeps what was decided on).
+_UNMAPPED = (
+    "reasons",
+    "errors",
+    "obligations",
+    "policy_revision",
+    "schema_revision",
+    "policy",
+    "input",
+    "request",
+    "decision_id",
+    "usage",
+)
+
+
 def to_ocsf(seq: int, event: dict[str, Any]) -> dict[str, Any]:
     denied = event.get("effect") in _DENIED
     alert = event.get("effect") == "alert"  # the audit log's own alerts (audit.checkpoint_failed)
@@ -42,11 +57,7 @@ def to_ocsf(seq: int, event: dict[str, Any]) -> dict[str, Any]:
             "log_name": "ztai-audit",
             "product": {"name": "ztai", "vendor_name": "ztai"},
         },
-        "unmapped": {
-            k: event[k]
-            for k in ("reasons", "errors", "obligations", "policy_revision", "request")
-            if k in event
-        },
+        "unmapped": {k: event[k] for k in _UNMAPPED if k in event},
     }
 
 

@@ -103,6 +103,11 @@ class AuditWriter:
         self._queue.put((event, future, loop))
         return await future
 
+    def record_soon(self, event: dict[str, Any]) -> None:
+        """Queue `event` without waiting for its commit: for what is learned once an answer is on its way
+        (an upstream's status and token usage). A failed commit marks the writer unhealthy (readyz)."""
+        self._queue.put((event, None, None))
+
     def record_sync(self, event: dict[str, Any]) -> int:
         """For callers without an event loop (the CLI): append directly."""
         return self._log.append([event])[0]
@@ -136,7 +141,8 @@ class AuditWriter:
                 return
 
     def _commit(
-        self, batch: list[tuple[dict[str, Any], asyncio.Future[int], asyncio.AbstractEventLoop]]
+        self,
+        batch: list[tuple[dict[str, Any], asyncio.Future[int] | None, asyncio.AbstractEventLoop | None]],
     ) -> None:
         events = [event for event, _, _ in batch]
         try:
@@ -146,13 +152,15 @@ class AuditWriter:
             log.error("audit append failed: %s", type(exc).__name__)
             error = AuditUnavailable("the audit log is unavailable; the request was refused")
             for _, future, loop in batch:
-                loop.call_soon_threadsafe(_settle, future, None, error)
+                if future is not None and loop is not None:
+                    loop.call_soon_threadsafe(_settle, future, None, error)
             return
         self._healthy = True
         self.batches += 1
         self.events += len(batch)
         for (_, future, loop), seq in zip(batch, seqs, strict=True):
-            loop.call_soon_threadsafe(_settle, future, seq, None)
+            if future is not None and loop is not None:
+                loop.call_soon_threadsafe(_settle, future, seq, None)
         if self._exporter is not None:
             try:
                 self._exporter.export(list(zip(seqs, events, strict=True)))

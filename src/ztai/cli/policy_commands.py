@@ -1,10 +1,11 @@
-"""`ztai policy validate|test|reload`."""
+"""`ztai policy validate|test|reload|whatif`."""
 
 from __future__ import annotations
 
 import logging
 import socket
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -14,13 +15,22 @@ from rich.console import Console
 from rich.table import Table
 
 from ztai.audit import AuditLog
-from ztai.cli.common import ConfigOption, fail, load_keys, open_database_for, settings_for
+from ztai.cli.common import (
+    ConfigOption,
+    fail,
+    load_keys,
+    open_audit_log,
+    open_database_for,
+    record_events,
+    settings_for,
+)
 from ztai.cli.pidfile import StalePidFile, running_server
 from ztai.config import DEFAULT_CONFIG_PATH, Settings
 from ztai.errors import PolicyError, ZtaiError
-from ztai.policy import PolicyEngine, model_entities
+from ztai.policy import PolicyEngine, load_bundle, model_entities
 from ztai.policy.reloads import POLICY_CHANNEL, REFUSED, PolicyReloads, ReloadRequest, reload_event
 from ztai.policy.testing import run_file
+from ztai.policy.whatif import WhatIfReport, replay
 from ztai.store.shared import publish_once
 
 app = typer.Typer(help="Validate, test and reload Cedar policies.", no_args_is_help=True)
@@ -29,9 +39,16 @@ err = Console(stderr=True)
 log = logging.getLogger("ztai.cli")
 
 
+def _models(settings: Settings) -> list[dict[str, object]]:
+    """The static entities of the configured models."""
+    return model_entities(
+        (model, name) for name, upstream in settings.upstreams.items() for model in upstream.models
+    )
+
+
 def _engine(settings: Settings) -> PolicyEngine:
     try:
-        return PolicyEngine(settings.policy_path, model_entities(_models(settings)))
+        return PolicyEngine(settings.policy_path, _models(settings))
     except ZtaiError as exc:
         fail(exc.message)
 
@@ -115,7 +132,7 @@ def submit_reload(settings: Settings, requested_by: str) -> tuple[ReloadRequest,
     try:
         reloads = PolicyReloads(database)
         try:
-            engine = PolicyEngine(settings.policy_path, model_entities(_models(settings)))
+            engine = PolicyEngine(settings.policy_path, _models(settings))
         except PolicyError as exc:
             audit_log = AuditLog(database, load_keys(settings).audit.private_key)
             refused = reload_event(
@@ -127,7 +144,7 @@ def submit_reload(settings: Settings, requested_by: str) -> tuple[ReloadRequest,
                 previous="",
                 problem=f"{requested_by}: {exc.message}",
             )
-            audit_log.append([refused])
+            record_events(settings, audit_log, [refused])
             raise
         after = reloads.next_audit_seq()
         request = reloads.request(engine.revision, requested_by)
@@ -174,5 +191,65 @@ def _await_workers(settings: Settings, request: ReloadRequest, after: int, worke
         database.close()
 
 
-def _models(settings: Settings) -> list[tuple[str, str]]:
-    return [(model, name) for name, upstream in settings.upstreams.items() for model in upstream.models]
+@app.command("whatif")
+def whatif(
+    policies: Annotated[Path, typer.Option("--policies", help="directory of the candidate *.cedar files")],
+    since: Annotated[
+        str | None, typer.Option(help="only decisions recorded at or after this time (ISO 8601, UTC default)")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="at most this many decisions, the newest")] = 10_000,
+    json: Annotated[bool, typer.Option("--json", help="one JSON line per changed decision")] = False,
+    config: ConfigOption = DEFAULT_CONFIG_PATH,
+) -> None:
+    """Decide recorded decisions again with a candidate policy set; print what would change.
+
+    Nothing is written. Decisions recorded under another schema are counted as not replayable.
+    --json prints {"decision_id", "before", "after", "reasons"} per changed decision, then a summary line.
+    Example: ztai policy whatif --policies ./candidate --since 2026-12-01T00:00:00Z --json
+    """
+    settings = settings_for(config)
+    try:
+        candidate = load_bundle(policies, _models(settings))
+    except ZtaiError as exc:
+        fail(exc.message)
+    start = parse_since(since) if since is not None else None
+    database, _keys, audit_log = open_audit_log(settings)
+    try:
+        report = replay(audit_log.decisions(since=start, limit=limit), candidate)
+    finally:
+        database.close()
+    if json:
+        for change in report.changes:
+            typer.echo(orjson.dumps(change.to_json()).decode())
+        typer.echo(orjson.dumps({"summary": report.summary()}).decode())
+        return
+    print_report(report)
+
+
+def parse_since(text: str) -> datetime:
+    """An ISO 8601 time; without an offset it is UTC."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        fail(f"--since must be an ISO 8601 time, e.g. 2026-12-01T09:00:00Z (got {text!r})")
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def print_report(report: WhatIfReport) -> None:
+    summary = report.summary()
+    out.print(
+        f"{summary['considered']} recorded decisions considered: {summary['replayed']} replayed, "
+        f"{summary['not_replayable']} not replayable"
+        + "".join(f", {count} {why}" for why, count in summary["not_replayable_by_reason"].items())
+    )
+    out.print(f"{summary['changed']} would change with revision {summary['candidate_revision']}")
+    if not report.changes:
+        return
+    effects = Table("before -> after", "decisions")
+    for transition, count in summary["by_effect"].items():
+        effects.add_row(transition, str(count))
+    out.print(effects)
+    table = Table("policy", "decisions")
+    for policy, count in summary["by_policy"].items():
+        table.add_row(policy, str(count))
+    out.print(table)

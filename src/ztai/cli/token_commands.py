@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,7 +12,7 @@ import typer
 from rich.console import Console
 
 from ztai.audit import AuditLog
-from ztai.audit.events import decision_event, identity_event, new_event_id
+from ztai.audit.events import identity_event
 from ztai.cli.common import ConfigOption, fail, open_audit_log, record_events, settings_for
 from ztai.cli.task_commands import revoke_and_record
 from ztai.config import DEFAULT_CONFIG_PATH, Settings
@@ -24,10 +25,18 @@ from ztai.identity.exchange import (
     ExchangePlan,
     ExchangeRequest,
     TokenExchange,
-    Verdict,
 )
 from ztai.identity.external import refuse_foreign_subject
-from ztai.policy import PolicyEngine, model_entities, principal_context, principal_request
+from ztai.policy import (
+    Decider,
+    Decision,
+    DecisionRequest,
+    Entity,
+    PolicyEngine,
+    model_entities,
+    principal_context,
+    principal_entity,
+)
 
 app = typer.Typer(help="Issue and revoke tokens.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage signing keys.", no_args_is_help=True)
@@ -170,7 +179,8 @@ def _exchange(config: Path, fields: dict[str, str]) -> str:
         tokens = TokenExchange(settings, keys, TokenVerifier(settings, keys, revocations))
         request = ExchangeRequest.from_fields(fields, max_token_bytes=settings.identity.max_token_bytes)
         parties = tokens.parties(request)
-        issued = tokens.exchange(request, parties, policy_authorizer(settings, audit_log))
+        fingerprint = hashlib.sha256(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        issued = tokens.exchange(request, parties, policy_authorizer(settings, audit_log, fingerprint))
         revocations.record_task(issued.token.tenant, issued.task.task_id, issued.token.expires_at)
         details = {**issued.audit_details(), "by": "cli"}
         record_events(
@@ -196,40 +206,32 @@ def _exchange(config: Path, fields: dict[str, str]) -> str:
     return issued.token.token
 
 
-def policy_authorizer(settings: Settings, audit_log: AuditLog) -> Authorize:
-    """Cedar `token.exchange` decided locally (as the gateway would, without network facts); each
-    decision is appended to the audit log before it is returned."""
+def policy_authorizer(settings: Settings, audit_log: AuditLog, fingerprint: str = "") -> Authorize:
+    """Cedar `token.exchange` decided by the Decider locally (as the gateway would, without network
+    facts); each decision record is appended to the audit log before the decision is returned."""
     models = [(model, name) for name, upstream in settings.upstreams.items() for model in upstream.models]
-    engine = PolicyEngine(settings.policy_path, model_entities(models))
+    decider = Decider(PolicyEngine(settings.policy_path, model_entities(models)))
+    route = "cli:token exchange"
 
-    def authorize(plan: ExchangePlan) -> Verdict:
+    def authorize(plan: ExchangePlan) -> Decision:
         subject, actor = plan.parties.subject, plan.parties.actor
         context = principal_context(
-            subject.tenant, subject.kind, subject.claims, subject.issuer, ip="", route="cli:token exchange"
+            subject.tenant, subject.kind, subject.claims, subject.issuer, ip="", route=route
         )
         context.update(plan.policy_context())
-        request = principal_request(
-            subject.spiffe_id, subject.kind, "token.exchange", plan.resource_type, actor.spiffe_id, context
-        )
-        decision = engine.decide(request)
-        decision_id = new_event_id("dec")
-        event = decision_event(
-            decision_id=decision_id,
+        request = DecisionRequest(
             tenant=subject.tenant,
-            principal=subject.spiffe_id,
+            principal=principal_entity(subject.spiffe_id, subject.kind),
             action="token.exchange",
-            resource=f"{plan.resource_type}::{actor.spiffe_id}",
-            effect=decision.effect,
-            reasons=decision.reasons,
-            errors=decision.errors,
-            obligations=decision.obligations,
-            policy_revision=decision.policy_revision,
-            request={"route": "cli:token exchange", "jti": subject.jti},
+            resource=Entity(plan.resource_type, actor.spiffe_id),
+            context=context,
+            route=route,
+            fingerprint=fingerprint,
+            details={"jti": subject.jti},
         )
-        record_events(settings, audit_log, [event])
-        return Verdict(
-            decision.effect == "allow", decision_id, f"{decision.effect}: {', '.join(decision.reasons)}"
-        )
+        decision = decider.evaluate(request)
+        record_events(settings, audit_log, [decider.record_of(request, decision)])
+        return decision
 
     return authorize
 

@@ -55,7 +55,7 @@ async def authorize(request: Request) -> Response:
         ip=request.client.host if request.client else "",
         definition=definition,
     )
-    return JSONResponse(decision.to_json(), headers={"x-ztai-decision-id": decision.decision_id})
+    return JSONResponse(decision.to_json(), headers={"x-ztai-decision-id": decision.id})
 
 
 async def observe(request: Request) -> Response:

@@ -26,6 +26,7 @@ from ztai.gateway import (
     mcp_routes,
     metrics,
     oauth_routes,
+    policy_routes,
     task_routes,
     vault_routes,
 )
@@ -190,6 +191,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         *approval_routes.ROUTES,
         *agent_routes.ROUTES,
+        *policy_routes.ROUTES,
         *task_routes.ROUTES,
         *vault_routes.ROUTES,
         # Each protocol's routes answer errors in its own form (ztai.gateway.responses).

@@ -276,7 +276,7 @@ class Exchange:
         )
         if not decision.allowed:
             data = {
-                "decision_id": decision.decision_id,
+                "decision_id": decision.id,
                 "effect": decision.effect,
                 "reasons": decision.reasons,
                 "approval_id": decision.approval_id,

@@ -76,14 +76,16 @@ async def chat_completions(request: Request) -> Response:
         )
     created = int(time.time())
     completion_id = f"chatcmpl-mock{created}"
+    usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     if payload.get("stream"):
+        options = payload.get("stream_options")
+        counted = usage if isinstance(options, dict) and options.get("include_usage") else None
         return StreamingResponse(
-            _stream(completion_id, created, model, text),
+            _stream(completion_id, created, model, text, counted),
             media_type="text/event-stream",
             headers=RATE_LIMIT_HEADERS,
         )
-    usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
-    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     return JSONResponse(
         {
             "id": completion_id,
@@ -104,16 +106,22 @@ async def chat_completions(request: Request) -> Response:
     )
 
 
-async def _stream(completion_id: str, created: int, model: str, text: str) -> AsyncIterator[bytes]:
-    def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
+async def _stream(
+    completion_id: str, created: int, model: str, text: str, usage: dict[str, int] | None = None
+) -> AsyncIterator[bytes]:
+    def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         body = {
             "id": completion_id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            "choices": choices,
+            **extra,
         }
         return b"data: " + orjson.dumps(body) + b"\n\n"
+
+    def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
+        return event([{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}])
 
     yield chunk({"role": "assistant", "content": ""}, None)
     words = text.split(" ")
@@ -121,6 +129,8 @@ async def _stream(completion_id: str, created: int, model: str, text: str) -> As
         yield chunk({"content": word if index == 0 else " " + word}, None)
         await asyncio.sleep(0)
     yield chunk({}, "stop")
+    if usage is not None:  # as OpenAI sends it with stream_options.include_usage: no choices
+        yield event([], usage=usage)
     yield b"data: [DONE]\n\n"
 
 

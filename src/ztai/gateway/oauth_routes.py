@@ -9,15 +9,13 @@ Errors are RFC 6749 §5.2 JSON (`{"error", "error_description"}`), never cached 
 from __future__ import annotations
 
 import asyncio
-import time
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from ztai.audit.events import identity_event, new_event_id
+from ztai.audit.events import identity_event
 from ztai.errors import ExchangeError
-from ztai.gateway import metrics
 from ztai.gateway.pipeline import (
     Call,
     collect_context,
@@ -28,7 +26,8 @@ from ztai.gateway.pipeline import (
 )
 from ztai.gateway.responses import NO_STORE, JSONResponse
 from ztai.gateway.runtime import Runtime
-from ztai.identity.exchange import ExchangePlan, ExchangeRequest, TokenExchange, Verdict
+from ztai.identity.exchange import ExchangePlan, ExchangeRequest, TokenExchange
+from ztai.policy import Decision
 
 FORM_TYPE = "application/x-www-form-urlencoded"
 
@@ -48,14 +47,15 @@ async def token_endpoint(request: Request) -> Response:
     call.principal = parties.subject
     recording: asyncio.Task[None] | None = None
 
-    def authorize(plan: ExchangePlan) -> Verdict:
+    def authorize(plan: ExchangePlan) -> Decision:
+        """Cedar `token.exchange` with the pipeline's context plus what the exchange asks for."""
         nonlocal recording
-        _decide(runtime, request, call, plan)
+        call.resource_type = plan.resource_type
+        call.context = collect_context(call, request)
+        call.context.update(plan.policy_context())
+        decision = decide(runtime, call)
         recording = start_recording(runtime, call)
-        assert call.decision is not None
-        effect = call.decision.effect
-        # Obligations cannot be carried out on a token exchange: only a plain allow issues a token.
-        return Verdict(effect == "allow", call.decision_id, f"{effect}: {', '.join(call.decision.reasons)}")
+        return decision
 
     try:
         issued = exchange.exchange(exchange_request, parties, authorize)
@@ -75,18 +75,6 @@ async def token_endpoint(request: Request) -> Response:
         )
     )
     return JSONResponse(issued.response(), headers=NO_STORE)
-
-
-def _decide(runtime: Runtime, request: Request, call: Call, plan: ExchangePlan) -> None:
-    """Cedar `token.exchange` with the pipeline's context plus what the exchange asks for."""
-    stage = time.perf_counter()
-    call.resource_type = plan.resource_type
-    call.context = collect_context(call, request)
-    call.context.update(plan.policy_context())
-    call.decision = decide(runtime, call)
-    call.decision_id = new_event_id("dec")
-    metrics.STAGE["decide"].observe(time.perf_counter() - stage)
-    metrics.DECISIONS.labels(call.action, call.decision.effect).inc()
 
 
 ROUTES: list[BaseRoute] = [Route("/token", token_endpoint, methods=["POST"])]  # mounted at /oauth

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -13,7 +14,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from ztai.audit.events import identity_event
+from ztai.audit.events import answer_event, identity_event
 from ztai.detect.inspector import Inspection, Inspector, audit_findings
 from ztai.detect.vault import SESSION_HEADER, SessionVault
 from ztai.errors import MalformedRequest, PermissionDenied, UpstreamError, UpstreamResponseInvalid, ZtaiError
@@ -32,6 +33,7 @@ from ztai.gateway.pipeline import (
     authenticate,
     collect_context,
     decide_call,
+    decision_request,
     enforce,
     parse_json_object,
     start_recording,
@@ -39,8 +41,9 @@ from ztai.gateway.pipeline import (
 from ztai.gateway.responses import JSONResponse, error_body, sse_error_event
 from ztai.gateway.runtime import RouteInspectors, Runtime
 from ztai.gateway.scanning import off_loop
+from ztai.gateway.sse import SseDecoder
 from ztai.gateway.upstream import Upstream, Upstreams, passed_headers, read_decoded, relay
-from ztai.policy import principal_request
+from ztai.policy import Entity
 
 MAX_MODEL_NAME = 256
 FINDING_COST_CHARS = 20  # hashing one finding for the audit costs about as much as scanning 20 characters
@@ -83,14 +86,14 @@ async def _model_call(request: Request, *, action: str, path: str, required: str
         session = request.headers.get(SESSION_HEADER) or call.decision_id
         body = add_canary(payload, runtime.inspection.canaries.issue(f"{principal.tenant}/{session}"))
     output = _OutputGuard(runtime, request, call, inspectors, vault)
+    answer = _Answer(runtime, call, stream=payload.get("stream") is True)
     # Nothing is answered before the decision is durable. If the commit fails, its AuditUnavailable (503)
     # replaces whatever the upstream said: fail closed.
     try:
-        response = await _forward(
-            runtime.upstreams, upstream, call, body, payload.get("stream") is True, output
-        )
+        response = await _forward(runtime.upstreams, upstream, call, body, answer, output)
     except ZtaiError:
         await recording
+        answer.record()
         raise
     try:
         await recording
@@ -98,8 +101,84 @@ async def _model_call(request: Request, *, action: str, path: str, required: str
         if response.background is not None:  # an opened upstream stream: give its connection back
             await response.background()
         raise
+    answer.record()
     response.headers["x-ztai-decision-id"] = call.decision_id
     return response
+
+
+@dataclass
+class _Answer:
+    """What the upstream answered an allowed call: recorded as a `model.answered` event after its
+    decision record (linked by the decision id), queued once known — a stream's usage at its end."""
+
+    runtime: Runtime
+    call: Call
+    stream: bool
+    status: int | None = None
+    usage: dict[str, int] = field(default_factory=dict)
+    error: str = ""
+    streaming: bool = False  # the relayed stream records the answer when it ends
+    recorded: bool = False
+
+    def answered(self, status: int, body: bytes = b"") -> None:
+        self.status = status
+        if body:
+            self.usage = _usage(_json_or_none(body))
+
+    def record(self) -> None:
+        if self.recorded or self.streaming or (self.status is None and not self.error):
+            return
+        self.recorded = True
+        principal = self.call.principal
+        assert principal is not None
+        self.runtime.audit.writer.record_soon(
+            answer_event(
+                decision_id=self.call.decision_id,
+                tenant=principal.tenant,
+                principal=principal.spiffe_id,
+                resource=f"Model::{self.call.resource_id}",
+                status=self.status,
+                usage=self.usage,
+                stream=self.stream,
+                error=self.error,
+            )
+        )
+
+    async def counted(self, chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+        """The stream unchanged; the usage its events report (`stream_options.include_usage`) is
+        recorded when it ends."""
+        self.streaming = True
+        decoder: SseDecoder | None = SseDecoder()
+        try:
+            async for chunk in chunks:
+                if decoder is not None:
+                    try:
+                        events = decoder.feed(chunk)
+                    except UpstreamError:  # an event too large to read: relayed, not counted
+                        decoder, events = None, []
+                    for event in events:
+                        if '"usage"' in event.data:
+                            self.usage = _usage(_json_or_none(event.data.encode())) or self.usage
+                yield chunk
+        except ZtaiError as failed:
+            self.error = failed.code
+            raise
+        finally:
+            await chunks.aclose()
+            self.streaming = False
+            self.record()
+
+
+def _usage(answer: Any) -> dict[str, int]:
+    """The token counts an OpenAI-style answer reports (`usage`), as integers; {} when none."""
+    usage = answer.get("usage") if isinstance(answer, dict) else None
+    if not isinstance(usage, dict):
+        return {}
+    return {
+        name: value
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens")
+        if isinstance(value := usage.get(name), int) and not isinstance(value, bool)
+    }
 
 
 async def _inspect_input(
@@ -121,19 +200,21 @@ async def _inspect_input(
 
 
 async def _forward(
-    upstreams: Upstreams, upstream: Upstream, call: Call, body: bytes, stream: bool, output: _OutputGuard
+    upstreams: Upstreams, upstream: Upstream, call: Call, body: bytes, answer: _Answer, output: _OutputGuard
 ) -> Response:
     stage = time.perf_counter()
     try:
-        if stream:
+        if answer.stream:
             streamed = await upstreams.open_stream(upstream, call.route, body)
             metrics.STAGE["upstream"].observe(time.perf_counter() - stage)
-            return await _streamed_response(upstream, call, streamed, output)
+            return await _streamed_response(upstream, call, streamed, output, answer)
         result = await upstreams.post(upstream, call.route, body)
         metrics.STAGE["upstream"].observe(time.perf_counter() - stage)
+        answer.answered(result.status, result.body)
         return await _answer(call, result.status, result.headers, result.body, output)
-    except UpstreamError:
+    except UpstreamError as failed:
         metrics.UPSTREAM_ERRORS.labels(upstream.name).inc()
+        answer.error = answer.error or failed.code
         raise
 
 
@@ -162,18 +243,20 @@ def _is_openai_error(content: bytes) -> bool:
 
 
 async def _streamed_response(
-    upstream: Upstream, call: Call, streamed: aiohttp.ClientResponse, output: _OutputGuard
+    upstream: Upstream, call: Call, streamed: aiohttp.ClientResponse, output: _OutputGuard, answer: _Answer
 ) -> Response:
     headers = passed_headers(streamed)
     content_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+    answer.answered(streamed.status)
     if streamed.status != 200 or content_type != "text/event-stream":
         # An error, or an upstream that answered a stream request with one whole body: read and check it.
         try:
             body = await read_decoded(streamed, upstream)
         finally:
             streamed.release()
+        answer.answered(streamed.status, body)
         return await _answer(call, streamed.status, headers, body, output)
-    chunks: AsyncGenerator[bytes, None] = relay(streamed, upstream)
+    chunks: AsyncGenerator[bytes, None] = answer.counted(relay(streamed, upstream))
     if output.active:
         chunks = output.filter_stream(chunks, upstream.max_event_bytes)
     try:
@@ -291,12 +374,13 @@ async def list_models(request: Request) -> Response:
     """Only the models the caller may use (each checked against policy as a `chat` request)."""
     runtime: Runtime = request.app.state.runtime
     principal = await authenticate(runtime.identity, request)
-    context = collect_context(Call("/models", "chat", "Model", "", principal=principal), request)
+    call = Call("/models", "chat", "Model", "", principal=principal)
+    call.context = collect_context(call, request)
     names = sorted(runtime.upstreams.by_model)
-    requests = [
-        principal_request(principal.spiffe_id, principal.kind, "chat", "Model", n, context) for n in names
-    ]
-    decisions = runtime.policy.decide_many(requests)
+    asked = decision_request(call)
+    decisions = runtime.decider.evaluate_many(
+        [dataclasses.replace(asked, resource=Entity("Model", name)) for name in names]
+    )
     allowed = [name for name, decision in zip(names, decisions, strict=True) if decision.allowed]
     await runtime.audit.writer.record(
         identity_event(

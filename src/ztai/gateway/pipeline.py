@@ -20,21 +20,19 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 
-from ztai.audit.events import decision_event, new_event_id
 from ztai.config import ServerSettings
 from ztai.errors import (
     AuthenticationError,
     MalformedRequest,
     PayloadTooLarge,
     PermissionDenied,
-    PolicyEvaluationError,
     StepUpRequired,
 )
 from ztai.gateway import metrics
 from ztai.gateway.bounds import nests_deeper
 from ztai.gateway.runtime import Identity, Runtime
 from ztai.identity import Principal
-from ztai.policy import Decision, principal_request
+from ztai.policy import Decision, DecisionRequest, Entity, principal_entity
 from ztai.policy.context import principal_context
 
 PRINCIPAL_SCOPE_KEY = "ztai.principal"  # the ASGI scope entry naming the authenticated principal
@@ -52,10 +50,14 @@ class Call:
     payload: dict[str, Any] = field(default_factory=dict)
     principal: Principal | None = None
     context: dict[str, Any] = field(default_factory=dict)
+    asked: DecisionRequest | None = None  # what the Decider was asked (and records)
     decision: Decision | None = None
-    decision_id: str = ""
     content: dict[str, Any] | None = None  # context.content from the detectors, when they ran
     findings: list[dict[str, Any]] = field(default_factory=list)  # for the audit record (no values)
+
+    @property
+    def decision_id(self) -> str:
+        return self.decision.id if self.decision is not None else ""
 
 
 # Stage 1: read and bound the input --------------------------------------------------------------
@@ -145,50 +147,39 @@ def collect_context(call: Call, request: Request) -> dict[str, Any]:
     return context
 
 
-# Stage 4: decide -----------------------------------------------------------------------------------
-def decide(runtime: Runtime, call: Call) -> Decision:
+# Stage 4: decide (the Decider validates the context, asks Cedar and names the decision) ---------------
+def decision_request(call: Call) -> DecisionRequest:
+    """The call as the Decider sees it: who, what, on what, in which context, and what to record."""
     assert call.principal is not None
-    request = principal_request(
-        call.principal.spiffe_id,
-        call.principal.kind,
-        call.action,
-        call.resource_type,
-        call.resource_id,
-        call.context,
+    principal = call.principal
+    return DecisionRequest(
+        tenant=principal.tenant,
+        principal=principal_entity(principal.spiffe_id, principal.kind),
+        action=call.action,
+        resource=Entity(call.resource_type, call.resource_id),
+        context=call.context,
+        route=call.route,
+        fingerprint=hashlib.sha256(call.body).hexdigest(),
+        details={"jti": principal.jti, "bytes": len(call.body), "ip": call.context["network"]["ip"]},
+        findings=call.findings,
     )
-    try:
-        return runtime.policy.decide(request)
-    except Exception as exc:  # the policy engine failing must refuse the request, not allow it
-        raise PolicyEvaluationError(f"policy evaluation failed: {type(exc).__name__}") from None
+
+
+def decide(runtime: Runtime, call: Call) -> Decision:
+    """Decide `call` in its collected context (no I/O)."""
+    stage = time.perf_counter()
+    call.asked = decision_request(call)
+    call.decision = runtime.decider.evaluate(call.asked)
+    metrics.STAGE["decide"].observe(time.perf_counter() - stage)
+    metrics.DECISIONS.labels(call.action, call.decision.effect).inc()
+    return call.decision
 
 
 # Stage 5: audit ------------------------------------------------------------------------------------
 async def record(runtime: Runtime, call: Call) -> None:
     """Make the decision durable before anything else happens (raises AuditUnavailable: fail closed)."""
-    assert call.principal is not None and call.decision is not None
-    decision = call.decision
-    event = decision_event(
-        decision_id=call.decision_id,
-        tenant=call.principal.tenant,
-        principal=call.principal.spiffe_id,
-        action=call.action,
-        resource=f"{call.resource_type}::{call.resource_id}",
-        effect=decision.effect,
-        reasons=decision.reasons,
-        errors=decision.errors,
-        obligations=decision.obligations,
-        policy_revision=decision.policy_revision,
-        request={
-            "route": call.route,
-            "jti": call.principal.jti,
-            "fingerprint": hashlib.sha256(call.body).hexdigest(),
-            "bytes": len(call.body),
-            "ip": call.context.get("network", {}).get("ip", ""),
-        },
-    )
-    if call.findings:
-        event["findings"] = call.findings
-    await runtime.audit.writer.record(event)
+    assert call.asked is not None and call.decision is not None
+    await runtime.decider.record(call.asked, call.decision)
 
 
 # The sequence --------------------------------------------------------------------------------------
@@ -205,13 +196,8 @@ async def admit(identity: Identity, server: ServerSettings, request: Request) ->
 
 def decide_call(runtime: Runtime, request: Request, call: Call) -> Decision:
     """Collect context and decide `call` (its principal is authenticated). No I/O."""
-    stage = time.perf_counter()
     call.context = collect_context(call, request)
-    call.decision = decide(runtime, call)
-    call.decision_id = new_event_id("dec")
-    metrics.STAGE["decide"].observe(time.perf_counter() - stage)
-    metrics.DECISIONS.labels(call.action, call.decision.effect).inc()
-    return call.decision
+    return decide(runtime, call)
 
 
 def start_recording(runtime: Runtime, call: Call) -> asyncio.Task[None]:

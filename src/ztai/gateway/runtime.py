@@ -37,7 +37,7 @@ from ztai.identity import KeyStore, RevocationList, TokenVerifier
 from ztai.identity.revocation import RevocationFeed
 from ztai.identity.task_tokens import task_claims
 from ztai.identity.tokens import Principal
-from ztai.policy import PolicyEngine, model_entities
+from ztai.policy import Decider, PolicyEngine, model_entities
 from ztai.policy.reloads import PolicyReloads
 from ztai.store import Database, open_database
 from ztai.store.shared import async_client
@@ -224,6 +224,7 @@ class Runtime:
     stores: Stores
     identity: Identity
     policy: PolicyEngine
+    decider: Decider  # every decision of every route: Cedar, then one durable decision record
     audit: Audit
     inspection: Inspection
     upstreams: Upstreams
@@ -273,9 +274,10 @@ class Runtime:
             vaults=_vaults(settings, database, raw_audit_key),
         )
         approvals = ApprovalStore(database)
+        decider = Decider(policy, audit.writer.record)
         guard = AgentGuard.build(
             settings,
-            policy,
+            decider,
             audit.writer.record,
             audit.finding_key,
             sessions=_session_store(settings, database, stores.redis),
@@ -298,6 +300,7 @@ class Runtime:
             stores=stores,
             identity=identity,
             policy=policy,
+            decider=decider,
             audit=audit,
             inspection=inspection,
             upstreams=upstreams,

@@ -8,7 +8,8 @@ parent's intersected with the request (`attenuate`, anything broader is refused)
 later than the parent's, and the chain may grow only to `agents.max_delegation_depth`.
 
 One sequence serves the HTTP endpoint and the CLI: `parties` (verify both tokens) -> `plan` (everything
-the new token will say) -> the caller's `authorize(plan)` (Cedar `token.exchange`, recorded) -> `issue`.
+the new token will say) -> the caller's `authorize(plan)` (the Decider: Cedar `token.exchange`,
+recorded) -> `issue`.
 Nothing here knows HTTP; errors are `ExchangeError`s carrying the RFC 6749 §5.2 error code.
 """
 
@@ -30,6 +31,7 @@ from ztai.identity.keys import KeyStore
 from ztai.identity.task_tokens import TaskClaims, act_claim, task_claims
 from ztai.identity.tokens import IssuedToken, Principal, issue_token
 from ztai.identity.verifier import TokenVerifier
+from ztai.policy.decision import Decision
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105 (a type URI, not a secret)
@@ -172,16 +174,8 @@ class ExchangePlan:
         return context
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """The caller's policy answer for a plan (its decision is recorded by the caller)."""
-
-    allowed: bool
-    decision_id: str
-    explanation: str = ""
-
-
-Authorize = Callable[[ExchangePlan], Verdict]
+# The caller's policy answer for a plan (the Decider's, recorded by the caller).
+Authorize = Callable[[ExchangePlan], Decision]
 
 
 @dataclass(frozen=True)
@@ -367,15 +361,16 @@ class TokenExchange:
     def exchange(self, request: ExchangeRequest, parties: Parties, authorize: Authorize) -> IssuedTask:
         """Plan, ask `authorize` (policy), and issue; raises ExchangeError (`invalid_target` on denial)."""
         plan = self.plan(request, parties)
-        verdict = authorize(plan)
-        if not verdict.allowed:
-            explanation = f" ({verdict.explanation})" if verdict.explanation else ""
+        decision = authorize(plan)
+        # Obligations cannot be carried out on a token exchange: only a plain allow issues a token.
+        if decision.effect != "allow":
             raise ExchangeError(
                 "invalid_target",
-                f"policy does not allow this delegation to {parties.actor.spiffe_id}{explanation}",
-                decision_id=verdict.decision_id,
+                f"policy does not allow this delegation to {parties.actor.spiffe_id} "
+                f"({decision.effect}: {', '.join(decision.reasons)})",
+                decision_id=decision.id,
             )
-        return self.issue(plan, verdict.decision_id)
+        return self.issue(plan, decision.id)
 
 
 __all__ = [
@@ -389,5 +384,4 @@ __all__ = [
     "IssuedTask",
     "Parties",
     "TokenExchange",
-    "Verdict",
 ]

@@ -1,4 +1,5 @@
-"""Policy-as-code with Cedar: schema, policy store, evaluation, explanation and policy tests."""
+"""Policy-as-code with Cedar: schema, policy store, evaluation, explanation, one decision path
+(`Decider`), what-if replay of recorded decisions, and policy tests."""
 
 from ztai.policy.context import (
     default_context,
@@ -8,10 +9,16 @@ from ztai.policy.context import (
     principal_request,
     token_context,
 )
-from ztai.policy.engine import Decision, PolicyEngine, Request, load_bundle
+from ztai.policy.decider import Decider, DecisionRequest, Entity, principal_entity
+from ztai.policy.decision import Decision, Effect
+from ztai.policy.engine import PolicyEngine, Request, load_bundle
 
 __all__ = [
+    "Decider",
     "Decision",
+    "DecisionRequest",
+    "Effect",
+    "Entity",
     "PolicyEngine",
     "Request",
     "default_context",
@@ -19,6 +26,7 @@ __all__ = [
     "merge_context",
     "model_entities",
     "principal_context",
+    "principal_entity",
     "principal_request",
     "token_context",
 ]

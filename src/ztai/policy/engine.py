@@ -10,45 +10,43 @@ A soft forbid (`@effect`) only softens what some permit allows: it never turns a
 step-up or a hold, so no approval can release a request that no permit covers. To decide that in one Cedar
 evaluation, the parsed set holds each soft forbid as a permit with the same scope and conditions, and
 `_explain` tells the two kinds of satisfied permits apart by id.
+
+Every request's context is validated against the schema by Cedar (the schema is passed to
+`is_authorized`): a missing, misspelt or mistyped attribute denies (`invalid-context`) and is logged. The
+shape of a context (its attribute names and value types) is what validation depends on, so each shape
+that passed is remembered per bundle and later requests of that shape are decided on the projected
+context alone (validation of a full context would cost about as much again as the decision).
+`context.input` (a tool call's arguments, of any shape) is validated as the empty record the schema
+declares and given to Cedar only when a policy reads it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import cedarpy
 import orjson
 
 from ztai.errors import PolicyError
+from ztai.policy.decision import Decision, Effect
+
+log = logging.getLogger("ztai.policy")
 
 SCHEMA_PATH = Path(__file__).parent / "schema.cedarschema"
 DEFAULTS_DIR = Path(__file__).parent / "defaults"
 DEFAULT_DENY = "default-deny"
+INVALID_CONTEXT = "invalid-context"
+MAX_SHAPES = 4096  # validated context shapes remembered per bundle
 
-Effect = Literal["allow", "deny", "step_up", "require_approval", "allow_with_obligations"]
 # Effects a forbid may carry (`@effect(...)`) instead of a flat denial, weakest first: when several
 # forbids match, a plain one denies, else the strongest of these wins.
 SOFT_EFFECTS: tuple[Effect, ...] = ("step_up", "require_approval")
 ENTITY_TYPES = {"user": "User", "agent": "Agent", "service": "Service", "model": "Model"}
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The answer to one request, with everything needed to explain it."""
-
-    effect: Effect
-    reasons: list[str]
-    errors: list[str] = field(default_factory=list)
-    obligations: list[str] = field(default_factory=list)
-    policy_revision: str = ""
-
-    @property
-    def allowed(self) -> bool:
-        return self.effect in ("allow", "allow_with_obligations")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,10 +60,15 @@ class Request:
     resource_id: str
     context: dict[str, Any]
 
-    def to_cedar(self, context_keys: frozenset[str] | None = None) -> dict[str, Any]:
-        """The request in cedarpy's form; `context_keys` limits the context to what policies read."""
+    def to_cedar(
+        self, context_keys: frozenset[str] | None = None, *, for_schema: bool = False
+    ) -> dict[str, Any]:
+        """The request in cedarpy's form; `context_keys` limits the context to what policies read.
+        `for_schema`: the whole context with `input` as the empty record the schema declares."""
         context = self.context
-        if context_keys is not None:
+        if for_schema:
+            context = {**context, "input": {}} if "input" in context else context
+        elif context_keys is not None:
             context = {key: value for key, value in context.items() if key in context_keys}
         return {
             "principal": {"type": self.principal_type, "id": self.principal_id},
@@ -91,6 +94,10 @@ class PolicyBundle:
     context_keys: frozenset[str] | None = None
     # Parser ids of the soft forbids, which `policies` holds as permits (see the module docstring).
     soft: frozenset[str] = frozenset()
+    schema: Any = None  # cedarpy.Schema
+    schema_revision: str = ""  # digest of the schema alone: recorded decisions name it (what-if replay)
+    # Shapes of requests whose context passed validation (see the module docstring).
+    valid_shapes: set[tuple[Any, ...]] = field(default_factory=set, compare=False)
 
 
 def load_bundle(policy_dir: Path, extra_entities: list[dict[str, Any]] | None = None) -> PolicyBundle:
@@ -98,6 +105,19 @@ def load_bundle(policy_dir: Path, extra_entities: list[dict[str, Any]] | None = 
     files = sorted(policy_dir.glob("*.cedar"))
     if not files:
         raise PolicyError(f"no *.cedar policy files in {policy_dir}")
+    try:
+        sources = {path.name: path.read_text() for path in files}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(f"cannot read the policies in {policy_dir}: {exc}") from None
+    return bundle_from_sources(sources, extra_entities)
+
+
+def bundle_from_sources(
+    sources: dict[str, str], extra_entities: list[dict[str, Any]] | None = None
+) -> PolicyBundle:
+    """Validate and parse policies given as {file name: Cedar text} (the files of one directory)."""
+    if not sources:
+        raise PolicyError("no policies given")
     schema_text = SCHEMA_PATH.read_text()
     texts: list[str] = []
     names: dict[str, str] = {}
@@ -105,19 +125,19 @@ def load_bundle(policy_dir: Path, extra_entities: list[dict[str, Any]] | None = 
     evaluated: dict[str, Any] = {}  # parser id -> policy (Cedar JSON), soft forbids turned permits
     context_keys: set[str] | None = set()
     digest = hashlib.sha256(schema_text.encode())
-    for path in files:
-        text = path.read_text()
-        digest.update(path.name.encode() + b"\0" + text.encode() + b"\0")
+    for name in sorted(sources):
+        text = sources[name]
+        digest.update(name.encode() + b"\0" + text.encode() + b"\0")
         try:
             parsed = orjson.loads(cedarpy.policies_to_json_str(text))
         except ValueError as exc:
-            raise PolicyError(f"{path.name}: {exc}") from None
+            raise PolicyError(f"{name}: {exc}") from None
         for index, (_, policy) in enumerate(parsed["staticPolicies"].items()):
             generated = f"policy{len(names)}"
             notes = dict(policy.get("annotations") or {})
-            names[generated] = notes.get("id") or f"{path.stem}:{index}"
+            names[generated] = notes.get("id") or f"{Path(name).stem}:{index}"
             annotations[generated] = notes
-            evaluated[generated] = _as_evaluated(policy, f"{path.name}: {names[generated]}")
+            evaluated[generated] = _as_evaluated(policy, f"{name}: {names[generated]}")
             read = _context_attributes(policy)
             context_keys = None if read is None or context_keys is None else context_keys | read
         texts.append(text)
@@ -134,6 +154,7 @@ def load_bundle(policy_dir: Path, extra_entities: list[dict[str, Any]] | None = 
             orjson.dumps({"staticPolicies": evaluated, "templates": {}, "templateLinks": []}).decode()
         )
         entities = cedarpy.Entities.from_json_str(orjson.dumps(extra_entities or []).decode(), schema_text)
+        schema = cedarpy.Schema.from_str(schema_text)
     except ValueError as exc:
         raise PolicyError(str(exc)) from None
     return PolicyBundle(
@@ -142,10 +163,18 @@ def load_bundle(policy_dir: Path, extra_entities: list[dict[str, Any]] | None = 
         names,
         annotations,
         digest.hexdigest()[:16],
-        [p.name for p in files],
+        sorted(sources),
         frozenset(context_keys) if context_keys is not None else None,
         frozenset(key for key, policy in evaluated.items() if _is_soft(policy)),
+        schema,
+        schema_revision(schema_text),
     )
+
+
+def schema_revision(schema_text: str | None = None) -> str:
+    """The digest naming a schema (the packaged one by default)."""
+    text = SCHEMA_PATH.read_text() if schema_text is None else schema_text
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _is_soft(policy: dict[str, Any]) -> bool:
@@ -220,18 +249,74 @@ class PolicyEngine:
             return bundle
 
     def decide(self, request: Request) -> Decision:
-        bundle = self.bundle
-        result = cedarpy.is_authorized(
-            request.to_cedar(bundle.context_keys), bundle.policies, bundle.entities
-        )
-        return _explain(result, bundle)
+        """Validate the request against the schema and decide it (no I/O; never raises for a request)."""
+        return decide_with(self.bundle, request)
 
     def decide_many(self, requests: list[Request]) -> list[Decision]:
         bundle = self.bundle
-        results = cedarpy.is_authorized_batch(
-            [r.to_cedar(bundle.context_keys) for r in requests], bundle.policies, bundle.entities
+        problems = [_invalid(bundle, request) for request in requests]
+        valid = [request for request, problem in zip(requests, problems, strict=True) if problem is None]
+        results = iter(
+            cedarpy.is_authorized_batch(
+                [r.to_cedar(bundle.context_keys) for r in valid], bundle.policies, bundle.entities
+            )
         )
-        return [_explain(result, bundle) for result in results]
+        return [
+            _explain(next(results), bundle) if problem is None else _refused(bundle, problem)
+            for problem in problems
+        ]
+
+
+def decide_with(bundle: PolicyBundle, request: Request) -> Decision:
+    """One request decided by one bundle: validated (schema), then evaluated on the projected context."""
+    problem = _invalid(bundle, request)
+    if problem is not None:
+        return _refused(bundle, problem)
+    result = cedarpy.is_authorized(request.to_cedar(bundle.context_keys), bundle.policies, bundle.entities)
+    return _explain(result, bundle)
+
+
+def _invalid(bundle: PolicyBundle, request: Request) -> str | None:
+    """Why the request does not match the schema (Cedar validates it), or None. Shapes that passed are
+    remembered, so this costs one Cedar call per new shape."""
+    shape = _request_shape(request)
+    if shape is not None and shape in bundle.valid_shapes:
+        return None
+    result = cedarpy.is_authorized(
+        request.to_cedar(for_schema=True), bundle.policies, bundle.entities, bundle.schema
+    )
+    invalid = [e for e in result.diagnostics.errors if e.startswith("failed to build request")]
+    if shape is None and not invalid:
+        invalid = ["context.input must be a record"]
+    if invalid:
+        return invalid[0]
+    if shape is not None and len(bundle.valid_shapes) < MAX_SHAPES:
+        bundle.valid_shapes.add(shape)
+    return None
+
+
+def _refused(bundle: PolicyBundle, problem: str) -> Decision:
+    # A context ztai built wrongly is a bug: deny (fail closed) and say so loudly.
+    log.error("policy request does not match the schema, denied: %s", problem[:500])
+    return Decision("deny", [INVALID_CONTEXT], [problem], [], bundle.revision)
+
+
+def _request_shape(request: Request) -> tuple[Any, ...] | None:
+    """What schema validation depends on: entity types, action, attribute names and value types."""
+    context = request.context
+    if not isinstance(context.get("input", {}), dict):
+        return None
+    attributes = tuple([(k, _shape(v) if k != "input" else dict) for k, v in context.items()])
+    return (request.principal_type, request.action, request.resource_type, attributes)
+
+
+def _shape(value: Any) -> Any:
+    kind = type(value)
+    if kind is dict:
+        return tuple([(key, _shape(item)) for key, item in value.items()])
+    if kind is list:
+        return (list, *{_shape(item) for item in value})
+    return kind
 
 
 def _explain(result: Any, bundle: PolicyBundle) -> Decision:

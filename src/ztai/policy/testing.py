@@ -11,7 +11,8 @@ import yaml
 from ztai.errors import PolicyError
 from ztai.identity.spiffe_ids import parse_spiffe_id
 from ztai.policy.context import merge_context, principal_request
-from ztai.policy.engine import Decision, PolicyEngine
+from ztai.policy.decision import Decision
+from ztai.policy.engine import PolicyEngine
 
 EFFECTS = ("allow", "deny", "step_up", "require_approval", "allow_with_obligations")
 
