@@ -3,12 +3,16 @@ settings (no Runtime, no app), reads a bounded body and authenticates the caller
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 from starlette.requests import Request
 from starlette.types import Message
 
 from ztai.config import Settings
 from ztai.errors import AuthenticationError, MalformedRequest, PayloadTooLarge
+from ztai.gateway.auth_failures import AuthFailureRecorder
 from ztai.gateway.pipeline import admit, parse_json_object
 from ztai.gateway.runtime import Identity
 from ztai.identity import KeyStore, RevocationList, TokenVerifier
@@ -16,12 +20,29 @@ from ztai.identity.tokens import issue_token
 from ztai.store import Database
 
 
+class Recorded:
+    """Stands in for the audit writer: what the failed-authentication recorder hands it."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    async def record(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+
 @pytest.fixture
-def identity(settings: Settings, database: Database) -> Identity:
+def recorded() -> Recorded:
+    return Recorded()
+
+
+@pytest.fixture
+def identity(settings: Settings, database: Database, recorded: Recorded) -> Identity:
     keys = KeyStore.load(settings.data_path)
     revocations = RevocationList(database)
     revocations.refresh()
-    return Identity(keys=keys, revocations=revocations, verifier=TokenVerifier(settings, keys, revocations))
+    failures = AuthFailureRecorder(recorded, tenant="example.org", fingerprint_key=b"k" * 32)  # type: ignore[arg-type]
+    verifier = TokenVerifier(settings, keys, revocations)
+    return Identity(keys=keys, revocations=revocations, verifier=verifier, failures=failures)
 
 
 def request_with(body: bytes, token: str | None, chunks: int = 1) -> Request:
@@ -54,15 +75,22 @@ def alice_token(settings: Settings, identity: Identity) -> str:
 
 
 @pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
-async def test_admit_reads_the_body_then_authenticates(settings: Settings, identity: Identity) -> None:
+async def test_admit_reads_the_body_then_authenticates(
+    settings: Settings, identity: Identity, recorded: Recorded
+) -> None:
     token = alice_token(settings, identity)
     body, principal = await admit(identity, settings.server, request_with(b'{"a": 1}', token, chunks=3))
     assert body == b'{"a": 1}' and principal.spiffe_id == "spiffe://example.org/user/alice"
     with pytest.raises(AuthenticationError) as missing:
         await admit(identity, settings.server, request_with(b"{}", None))
     assert missing.value.code == "missing_token"
+    forged = token[:-4] + "AAAA"
     with pytest.raises(AuthenticationError):
-        await admit(identity, settings.server, request_with(b"{}", token[:-4] + "AAAA"))
+        await admit(identity, settings.server, request_with(b"{}", forged))
+    await asyncio.sleep(0)  # the recorder queues its audit events without waiting
+    assert [event["kind"] for event in recorded.events] == ["auth.failed", "auth.failed"]
+    assert "missing_token" in str(recorded.events[0])
+    assert forged not in str(recorded.events)  # never the token itself
 
 
 @pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
