@@ -140,10 +140,7 @@ class RequestMetrics:
         try:
             await self.app(scope, receive_and_count if self.access_log else receive, send_and_count)
         finally:
-            # The route's template, not the raw path: ids in paths must not grow the label set.
-            route = scope.get("route")
-            template = getattr(route, "path", None)
-            label = scope.get("root_path", "") + template if template else "unmatched"
+            label = metrics.route_label(scope) or "unmatched"
             elapsed = time.perf_counter() - started
             metrics.REQUESTS.labels(label, str(status)).inc()
             metrics.STAGE["total"].observe(elapsed)

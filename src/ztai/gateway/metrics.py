@@ -7,6 +7,8 @@ knows no HTTP; they are in the same registry and exposed here too.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as prometheus_multiprocess
@@ -71,3 +73,10 @@ def render() -> bytes:
         prometheus_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
     return generate_latest()
+
+
+def route_label(scope: Mapping[str, Any]) -> str | None:
+    """The matched route's template with its mount prefix (`/oauth/token`, `/mcp/{server}`), not the raw
+    path: ids in paths must not grow label sets or logs. None before a route matched."""
+    template = getattr(scope.get("route"), "path", None)
+    return str(scope.get("root_path", "")) + template if template else None

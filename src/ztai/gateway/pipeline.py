@@ -119,7 +119,7 @@ def failed_authentication(
     identity: Identity, request: Request
 ) -> Callable[[AuthenticationError, str | None], None]:
     """What a route calls when a token presented in `request` fails verification: audit it."""
-    route = getattr(request.scope.get("route"), "path", None) or request.url.path
+    route = metrics.route_label(request.scope) or request.url.path
     ip = request.client.host if request.client else ""
 
     def record(error: AuthenticationError, token: str | None) -> None:
