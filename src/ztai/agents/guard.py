@@ -195,9 +195,10 @@ class AgentGuard:
         """Decide a proposed tool call; the decision is durable in the audit log before this returns."""
         task = task_claims(principal, self.issuer)
         profile = self.profile(server, tool, definition)
-        problems, egress_hosts = await self._check_grant(task, server, tool, arguments)
+        serialized = orjson.dumps(arguments)  # once: its size bounds the work, the canary scan reads it
+        problems, egress_hosts = await self._check_grant(task, server, tool, arguments, len(serialized))
         state, provenance = await self._provenance(principal, task, profile, arguments)
-        context = self._context(principal, task, profile, arguments, state, provenance, route, ip)
+        context = self._context(principal, task, profile, arguments, serialized, state, provenance, route, ip)
         context["tool"]["granted"] = not problems
         context["tool"]["egress_hosts"] = sorted(egress_hosts)
         hashed_call = self.call_hash(server, tool, arguments)
@@ -253,7 +254,7 @@ class AgentGuard:
         )
 
     async def _check_grant(
-        self, task: TaskClaims | None, server: str, tool: str, arguments: Mapping[str, Any]
+        self, task: TaskClaims | None, server: str, tool: str, arguments: Mapping[str, Any], size: int
     ) -> tuple[list[str], set[str]]:
         """Why the call is outside the task's grant, and the hosts its arguments reach. A call with much
         text, or with pattern constraints, is read in a worker thread (RE2 matches without the GIL), so
@@ -266,7 +267,7 @@ class AgentGuard:
             return task.grant.check_call(server, tool, arguments, egress), egress.hosts
 
         patterns = task is not None and task.grant.has_patterns(server, tool)
-        if patterns or len(orjson.dumps(arguments)) > _INLINE_CHECK_BYTES:
+        if patterns or size > _INLINE_CHECK_BYTES:
             return await asyncio.to_thread(check)
         return check()
 
@@ -290,9 +291,9 @@ class AgentGuard:
         # not free text (an amount, a password, a hotel) for suspicious ones too.
         hashed = {
             name: [
-                (self._digest(keys), name in sensitive or not _is_word(keys), _is_weak(keys))
+                (self._digest(keys), whole, _is_weak(keys))
                 for keys in groups
-                if name in sensitive or not _is_word(keys) or not is_free_text_argument(name)
+                if (whole := name in sensitive or not _is_word(keys)) or not is_free_text_argument(name)
             ]
             for name, groups in by_argument.items()
         }
@@ -333,6 +334,7 @@ class AgentGuard:
         task: TaskClaims | None,
         profile: ToolProfile,
         arguments: Mapping[str, Any],
+        serialized: bytes,
         state: SessionState,
         provenance: dict[str, list[str]],
         route: str,
@@ -345,7 +347,7 @@ class AgentGuard:
             principal.issuer,
             ip=ip,
             route=route,
-            size=len(orjson.dumps(arguments)),
+            size=len(serialized),
         )
         if task is not None:
             context["delegation"] = task.context()
@@ -368,7 +370,7 @@ class AgentGuard:
         }
         context["input"] = _cedar_value(dict(arguments), 0)
         if self.canaries is not None:
-            text = orjson.dumps(arguments).decode()
+            text = serialized.decode()
             context["content"]["canary"] = bool(self.canaries.scan(text, "model_output"))
         return context
 
