@@ -31,15 +31,21 @@ _UNMAPPED = (
 )
 
 
+# The OCSF class of every record ztai exports (API Activity, activity "other": the name says which)
+_API_ACTIVITY: dict[str, Any] = {
+    "class_uid": 6003,
+    "class_name": "API Activity",
+    "category_uid": 6,
+    "category_name": "Application Activity",
+    "activity_id": 99,
+}
+
+
 def to_ocsf(seq: int, event: dict[str, Any]) -> dict[str, Any]:
     denied = event.get("effect") in _DENIED
     alert = event.get("effect") == "alert"  # the audit log's own alerts (audit.checkpoint_failed)
     return {
-        "class_uid": 6003,
-        "class_name": "API Activity",
-        "category_uid": 6,
-        "category_name": "Application Activity",
-        "activity_id": 99,
+        **_API_ACTIVITY,
         "activity_name": event["kind"],
         "type_uid": 600399,
         "time": int(datetime.fromisoformat(event["time"]).timestamp() * 1000),
@@ -64,11 +70,7 @@ def to_ocsf(seq: int, event: dict[str, Any]) -> dict[str, Any]:
 def checkpoint_to_ocsf(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """A signed checkpoint (`Checkpoint.to_json()`) as an OCSF record a witness reader recognises."""
     return {
-        "class_uid": 6003,
-        "class_name": "API Activity",
-        "category_uid": 6,
-        "category_name": "Application Activity",
-        "activity_id": 99,
+        **_API_ACTIVITY,
         "activity_name": "audit.checkpoint",
         "type_uid": 600399,
         "time": int(datetime.fromisoformat(checkpoint["created_at"]).timestamp() * 1000),
